@@ -1,0 +1,14 @@
+"""Calibration: hooks that collect sufficient statistics of layer inputs and gradients."""
+
+from .collect import collect_fisher, collect_input_stats, collect_layer_stats
+from .hooks import HookManager
+from .stats import InputStats, LayerStats
+
+__all__ = [
+    "HookManager",
+    "InputStats",
+    "LayerStats",
+    "collect_fisher",
+    "collect_input_stats",
+    "collect_layer_stats",
+]

@@ -1,0 +1,292 @@
+"""Command line: ``rankcut compress | eval | methods``.
+
+Thin by design: it builds the same config objects as the Python API. Errors that a
+user can fix are printed as one line (``--debug`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from .errors import ConfigError, RankcutError
+
+logger = logging.getLogger("rankcut")
+
+COMPRESS_DEFAULTS = {
+    "model": "smollm2-135m",
+    "method": "svd-llm",
+    "ratio": 0.2,
+    "calib": "shakespeare",
+    "samples": 32,
+    "seq_len": 512,
+    "out": None,
+    "device": None,
+    "seed": 0,
+    "targets": None,
+    "exclude": [],
+    "option": {},
+}
+
+
+def _method_names() -> list[str]:
+    from .methods import METHODS
+
+    return sorted(METHODS)
+
+
+def _parse_option(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key.replace("-", "_"), json.loads(value)
+    except json.JSONDecodeError:
+        return key.replace("-", "_"), value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rankcut", description="Compress transformers by low-rank factorization."
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compress", help="compress a model and save it")
+    c.add_argument("--recipe", help="JSON (or YAML) file with these options; flags override it")
+    c.add_argument(
+        "--model",
+        help="built-in alias, HF folder, .gguf, hub id or rankcut output "
+        f"(default {COMPRESS_DEFAULTS['model']})",
+    )
+    c.add_argument("--method", choices=_method_names(), help="default svd-llm")
+    c.add_argument("--ratio", type=float, help="fraction of targeted parameters removed (0.2)")
+    c.add_argument(
+        "--calib",
+        help="calibration text: built-in corpus, .txt file or folder, "
+        "hf:NAME[:CONFIG]:SPLIT (default shakespeare)",
+    )
+    c.add_argument("--samples", type=int, help="calibration windows (32)")
+    c.add_argument("--seq-len", type=int, help="tokens per calibration window (512)")
+    c.add_argument("--out", help="output folder (default runs/MODEL-METHOD-RATIO)")
+    c.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    c.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    c.add_argument("--seed", type=int, help="seed for window sampling (0)")
+    c.add_argument("--targets", nargs="+", help="regexes of modules to factorize")
+    c.add_argument("--exclude", nargs="+", help="regexes of modules to leave dense")
+    c.add_argument(
+        "--option",
+        action="append",
+        type=_parse_option,
+        metavar="KEY=VALUE",
+        help="method config field, e.g. --option alpha=0.5 (repeatable)",
+    )
+
+    e = sub.add_parser("eval", help="held-out perplexity and parameter counts")
+    e.add_argument("model", metavar="MODEL_OR_DIR")
+    e.add_argument(
+        "--data",
+        default="shakespeare-heldout",
+        help="evaluation text (default shakespeare-heldout)",
+    )
+    e.add_argument("--tokens", type=int, default=4096, help="tokens of text to score (4096)")
+    e.add_argument("--seq-len", type=int, default=512, help="window length (512)")
+    e.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+
+    sub.add_parser("methods", help="list registered methods")
+    return parser
+
+
+def _device(name: str | None) -> str:
+    import torch
+
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RankcutError("--device cuda requested but no CUDA device is available")
+    return name or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _read_recipe(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise RankcutError(f"path does not exist: {path}")
+    text = p.read_text()
+    try:
+        if p.suffix in (".yaml", ".yml"):
+            import yaml  # optional
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except ImportError as err:
+        raise RankcutError("YAML recipes need PyYAML (pip install pyyaml)") from err
+    except Exception as err:
+        raise RankcutError(f"cannot parse recipe {path}: {err}") from err
+    if not isinstance(data, dict):
+        raise RankcutError(f"recipe {path} must hold an object of options")
+    data = {k.replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(data) - set(COMPRESS_DEFAULTS))
+    if unknown:
+        raise RankcutError(f"unknown recipe keys in {path}: {', '.join(unknown)}")
+    return data
+
+
+def resolve_compress_options(args: argparse.Namespace) -> dict:
+    """Defaults, then the recipe file, then explicit flags."""
+    opts = dict(COMPRESS_DEFAULTS)
+    if args.recipe:
+        opts.update(_read_recipe(args.recipe))
+    for key in COMPRESS_DEFAULTS:
+        value = getattr(args, key, None)
+        if key == "option":
+            if value:
+                opts["option"] = {**opts.get("option", {}), **dict(value)}
+        elif value is not None:
+            opts[key] = value
+    return opts
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import api, io
+    from .data import calibration_windows, load_text
+    from .methods import get_method
+
+    opts = resolve_compress_options(args)
+    spec = get_method(opts["method"])
+    _check_options(spec, opts["option"])
+    config = spec.config_cls(
+        ratio=opts["ratio"],
+        targets=opts["targets"],
+        exclude=opts["exclude"] or [],
+        **opts["option"],
+    )
+    out = Path(
+        opts["out"] or f"runs/{Path(str(opts['model'])).stem}-{opts['method']}-{opts['ratio']}"
+    )
+    # Fail before any heavy work when the output cannot be written.
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        raise RankcutError(f"output folder {out} exists and is not empty (use --overwrite)")
+    if out.exists() and not out.is_dir():
+        raise RankcutError(f"output path exists and is not a folder: {out}")
+    device = _device(opts["device"])
+    torch.manual_seed(opts["seed"])
+    from .models import resolve
+
+    resolve(str(opts["model"]))  # a clear error for bad paths/aliases before loading
+    calib = None
+    if spec.needs:
+        text = load_text(str(opts["calib"]))  # validate data before loading the model
+    tokenizer = io.load_tokenizer(str(opts["model"]))
+    if spec.needs:
+        calib = calibration_windows(text, tokenizer, opts["samples"], opts["seq_len"], opts["seed"])
+    model = io.load(str(opts["model"]), device=device)
+    result = api.compress(model, config, calib, progress=not args.quiet)
+    extra = {
+        "source_model": str(opts["model"]),
+        "calibration": None
+        if calib is None
+        else {
+            "data": str(opts["calib"]),
+            "samples": opts["samples"],
+            "seq_len": opts["seq_len"],
+            "seed": opts["seed"],
+        },
+        "ranks": result.ranks,
+        "kept_dense": result.kept_dense,
+        "compression_seconds": round(result.seconds, 3),
+    }
+    io.save(result.model, out, tokenizer=tokenizer, overwrite=args.overwrite, extra=extra)
+    recipe = {k: v for k, v in opts.items()}
+    recipe["out"] = str(out)
+    (out / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
+    print(result.summary())
+    print(f"saved to {out}")
+    return 0
+
+
+def _check_options(spec, options: dict) -> None:
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(spec.config_cls)} - {"ratio", "targets", "exclude"}
+    unknown = sorted(set(options) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown option(s) for {spec.name}: {', '.join(unknown)}; "
+            f"valid: {', '.join(sorted(names)) or 'none'}"
+        )
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from . import io
+    from .data import load_text
+    from .evaluate import param_summary, perplexity
+
+    device = _device(args.device)
+    io.hf_location(args.model)  # clear error for bad paths/aliases
+    text = load_text(args.data)
+    tokenizer = io.load_tokenizer(args.model)
+    model = io.load(args.model, device=device)
+    start = time.perf_counter()
+    report = perplexity(
+        model, tokenizer, text, tokens=args.tokens, seq_len=args.seq_len, progress=not args.quiet
+    )
+    meta = getattr(model, "rankcut_meta", {}) or {}
+    report.update(param_summary(model))
+    report.update(
+        model=args.model,
+        data=args.data,
+        method=(meta.get("method_config") or {}).get("method"),
+        device=device,
+        seconds=round(time.perf_counter() - start, 3),
+    )
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(
+            f"{args.model}: perplexity {report['perplexity']:.3f} on {report['tokens']} tokens "
+            f"of {args.data} (seq-len {args.seq_len}); params {report['params_total']:,} "
+            f"(dense equivalent {report['params_dense_equivalent']:,})"
+        )
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from .methods import METHODS
+
+    width = max(len(n) for n in METHODS)
+    for name in sorted(METHODS):
+        print(f"{name:<{width}}  {METHODS[name].summary}")
+    return 0
+
+
+COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "methods": cmd_methods}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("rankcut: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except RankcutError as err:
+        if args.debug:
+            raise
+        print(f"rankcut: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,15 @@
+"""Pure tensor math for low-rank factorization: tensors in, factors out."""
+
+from .svd import check_rank, column_scaled_factors, split_factors, svd_factors, truncated_svd
+from .whitening import psd_cholesky, whitened_factors, whitened_spectrum
+
+__all__ = [
+    "check_rank",
+    "column_scaled_factors",
+    "psd_cholesky",
+    "split_factors",
+    "svd_factors",
+    "truncated_svd",
+    "whitened_factors",
+    "whitened_spectrum",
+]

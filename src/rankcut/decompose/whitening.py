@@ -1,0 +1,91 @@
+"""Truncation-aware data whitening (SVD-LLM).
+
+For a linear layer ``y = x W^T`` with calibration inputs ``X`` (rows are tokens) the
+output error of a replacement ``W'`` is ``||(W - W') X^T||_F^2 = ||(W - W') S||_F^2``
+where ``S`` is the Cholesky factor of the Gram matrix ``X^T X = S S^T``. Truncating the
+SVD of ``W S`` therefore minimizes the output error, and each dropped singular value
+``s_i`` adds exactly ``s_i^2`` to it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor
+
+from .svd import split_factors, truncated_svd
+
+logger = logging.getLogger(__name__)
+
+
+def psd_cholesky(gram: Tensor, eps: float = 1e-6, name: str = "") -> Tensor:
+    """Lower Cholesky factor of a symmetric PSD matrix, computed in float64.
+
+    If the matrix is not numerically positive definite (dead input channels, fewer
+    tokens than channels), the magnitude of its smallest eigenvalue plus
+    ``eps * mean(diag)`` is added to the diagonal and the repair is logged.
+
+    Example:
+        >>> import torch
+        >>> g = torch.tensor([[4.0, 2.0], [2.0, 3.0]])
+        >>> s = psd_cholesky(g)
+        >>> torch.allclose(s @ s.T, g.double())
+        True
+    """
+    g = gram.to(torch.float64)
+    g = (g + g.T) / 2
+    if not bool(torch.isfinite(g).all()):
+        raise ValueError(f"Gram matrix {name!r} contains NaN or inf")
+    chol, info = torch.linalg.cholesky_ex(g)
+    if int(info) == 0:
+        return chol
+    smallest = float(torch.linalg.eigvalsh(g)[0])
+    scale = float(g.diagonal().abs().mean()) or 1.0
+    shift = abs(smallest) + eps * scale
+    logger.warning(
+        "Gram matrix %s is not positive definite (smallest eigenvalue %.3e); "
+        "added %.3e to its diagonal",
+        name or "",
+        smallest,
+        shift,
+    )
+    eye = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
+    while True:
+        chol, info = torch.linalg.cholesky_ex(g + shift * eye)
+        if int(info) == 0:
+            return chol
+        shift *= 10  # rounding left it indefinite: grow the shift until it factors
+
+
+def whitened_spectrum(weight: Tensor, chol: Tensor) -> Tensor:
+    """Singular values of ``W S``: ``s_i^2`` is the output error added by dropping ``i``."""
+    return torch.linalg.svdvals(weight.to(torch.float64) @ chol)
+
+
+def whitened_factors(weight: Tensor, chol: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """Rank-``rank`` minimizer of ``||(W - W') S||_F``: ``W' = [W S]_r S^-1``.
+
+    Args:
+        weight: ``(out, in)`` matrix.
+        chol: ``(in, in)`` lower-triangular Cholesky factor of ``X^T X``.
+        rank: target rank.
+
+    Returns:
+        ``(up, down)`` with ``up @ down = W'``; ``down`` absorbs ``S^-1`` through a
+        triangular solve (never an explicit inverse).
+
+    Example:
+        >>> import torch
+        >>> x = torch.randn(50, 4, dtype=torch.float64)
+        >>> w = torch.randn(3, 4, dtype=torch.float64)
+        >>> up, down = whitened_factors(w, psd_cholesky(x.T @ x), 3)
+        >>> torch.allclose(up @ down, w)
+        True
+    """
+    chol = chol.to(torch.float64)
+    u, s, vh = truncated_svd(weight.to(torch.float64) @ chol, rank)
+    up, down_white = split_factors(u, s, vh)
+    # down = down_white @ S^-1  <=>  S^T down^T = down_white^T, with S^T upper triangular.
+    down = torch.linalg.solve_triangular(chol.T, down_white.T, upper=True).T
+    return up, down

@@ -1,0 +1,86 @@
+"""Perplexity of a causal LM on held-out text.
+
+Protocol: the first ``tokens`` tokens of the text (tokenized without special tokens),
+cut into consecutive non-overlapping windows of ``seq_len`` tokens (a shorter tail is
+dropped); a window is prefixed with BOS only when the tokenizer adds one by default;
+each window is scored independently; the result is ``exp(mean next-token NLL)`` over
+every predicted text token, computed in float32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ..data import bos_prefix, evaluation_windows
+from ..errors import RankcutError
+
+
+@torch.no_grad()
+def perplexity_of_windows(
+    model: nn.Module, windows: Tensor, prefix_len: int = 0, progress: bool = True
+) -> tuple[float, int]:
+    """``(perplexity, predicted_tokens)`` over ``(n, L)`` token windows.
+
+    The first ``prefix_len`` positions (a BOS) are context only and never predicted.
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    nll, count = 0.0, 0
+    for row in tqdm(windows, desc="perplexity", disable=not progress, leave=False):
+        ids = row[None].to(device)
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids))
+        logits = getattr(out, "logits", None)
+        if logits is None:
+            raise RankcutError("perplexity needs a causal LM (the model returned no logits)")
+        # logits[t] predicts ids[t+1]; skip predictions of the prefix itself.
+        start = max(prefix_len - 1, 0)
+        pred = logits[0, start:-1].float()
+        target = ids[0, start + 1 :]
+        nll += float(F.cross_entropy(pred, target, reduction="sum"))
+        count += int(target.numel())
+    model.train(was_training)
+    if not math.isfinite(nll):
+        raise RankcutError("the loss is not finite: the model produces NaN or inf")
+    return math.exp(nll / count), count
+
+
+def perplexity(
+    model: nn.Module,
+    tokenizer,
+    text: str,
+    tokens: int = 4096,
+    seq_len: int = 512,
+    progress: bool = True,
+) -> dict:
+    """Held-out perplexity following the module's protocol.
+
+    Returns:
+        ``{"perplexity", "tokens" (predicted), "windows", "seq_len", "bos"}``.
+
+    Example:
+        >>> import rankcut  # doctest: +SKIP
+        >>> m = rankcut.load("smollm2-135m"); tok = rankcut.load_tokenizer("smollm2-135m")
+        >>> rankcut.evaluate.perplexity(m, tok, "some held-out text ...", tokens=1024)
+    """
+    can_generate = getattr(model, "can_generate", None)
+    if callable(can_generate) and not can_generate():
+        raise RankcutError(
+            f"perplexity needs a causal LM; {type(model).__name__} is not one "
+            "(encoders have no next-token predictions)"
+        )
+    windows = evaluation_windows(text, tokenizer, tokens, seq_len)
+    prefix = len(bos_prefix(tokenizer))
+    ppl, count = perplexity_of_windows(model, windows, prefix, progress=progress)
+    return {
+        "perplexity": ppl,
+        "tokens": count,
+        "windows": int(windows.shape[0]),
+        "seq_len": seq_len,
+        "bos": bool(prefix),
+    }

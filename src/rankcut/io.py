@@ -1,0 +1,245 @@
+"""Save and load compressed models: safetensors + ``rankcut.json``. Never pickle.
+
+A rankcut output folder holds:
+
+- ``model.safetensors``: the state dict (tied tensors stored once);
+- ``config.json``: the base model's transformers config;
+- ``rankcut.json``: format version, architecture, method config, per-layer structure
+  (type, shape, rank) and parameter counts;
+- the tokenizer files, when a tokenizer was given.
+
+Folders are written atomically: everything goes to a temporary sibling folder that is
+renamed into place only when complete, so an interrupted save never leaves a folder
+that ``load`` accepts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import RankcutError
+from .layers import LAYER_TYPES, factorized_modules
+from .models.sources import hf_location, is_rankcut_dir, load_hf_model
+from .models.structure import replace_module
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "rankcut"
+FORMAT_VERSION = 1
+META_FILE = "rankcut.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+@contextmanager
+def atomic_dir(out: str | os.PathLike, overwrite: bool = False):
+    """Yield a temporary folder that replaces ``out`` only if the block succeeds.
+
+    Raises:
+        RankcutError: if ``out`` exists, is not empty, and ``overwrite`` is False.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise RankcutError(f"output path exists and is not a folder: {out}")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise RankcutError(f"output folder {out} exists and is not empty (use --overwrite)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        old = None
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _dedup_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """State dict with each shared tensor once, and ``{dropped_name: kept_name}``."""
+    state, tied, seen = {}, {}, {}
+    for name, tensor in model.state_dict().items():
+        key = (
+            tensor.device,
+            tensor.untyped_storage().data_ptr(),
+            tensor.storage_offset(),
+            tuple(tensor.shape),
+            tuple(tensor.stride()),
+        )
+        if key in seen:
+            tied[name] = seen[key]
+            continue
+        seen[key] = name
+        state[name] = tensor.detach().contiguous().cpu()
+    return state, tied
+
+
+def save(
+    model: nn.Module,
+    out: str | os.PathLike,
+    tokenizer=None,
+    overwrite: bool = False,
+    extra: dict | None = None,
+) -> Path:
+    """Save ``model`` (compressed or not) to the folder ``out``, atomically.
+
+    Example:
+        >>> rankcut.save(result.model, "runs/smollm2-svdllm", tokenizer=tok)  # doctest: +SKIP
+    """
+    from safetensors.torch import save_file
+
+    from . import __version__
+
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "save_pretrained"):
+        raise RankcutError("rankcut.save needs a transformers model (with .config)")
+    state, tied = _dedup_state_dict(model)
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "rankcut_version": __version__,
+        "architecture": type(model).__name__,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "tied": tied,
+        "layers": {name: m.structure() for name, m in factorized_modules(model)},
+        **(getattr(model, "rankcut_meta", None) or {}),
+        **(extra or {}),
+    }
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        config.save_pretrained(tmp)
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return Path(out)
+
+
+def read_meta(folder: str | os.PathLike) -> dict:
+    """Parse and validate ``rankcut.json``; any problem is a one-line ``RankcutError``."""
+    path = Path(folder) / META_FILE
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise RankcutError(f"cannot read {path}: {err}") from err
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise RankcutError(f"{path} is not a rankcut metadata file")
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise RankcutError(f"{path}: unsupported format_version {version!r}")
+    layers = meta.get("layers")
+    if not isinstance(layers, dict):
+        raise RankcutError(f"{path}: 'layers' must be an object")
+    for name, spec in layers.items():
+        ok = isinstance(spec, dict) and spec.get("type") in LAYER_TYPES
+        for key in ("in_features", "out_features", "rank"):
+            ok = ok and isinstance(spec.get(key), int) and spec[key] > 0
+        if not ok:
+            raise RankcutError(f"{path}: invalid layer entry for {name!r}: {spec!r}")
+    if not isinstance(meta.get("architecture"), str) or not isinstance(meta.get("tied", {}), dict):
+        raise RankcutError(f"{path}: missing or invalid 'architecture'/'tied'")
+    return meta
+
+
+def load_rankcut_dir(folder: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a saved model: skeleton on the meta device, factorized layers, weights."""
+    import transformers
+    from accelerate import init_empty_weights
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    folder = Path(folder)
+    meta = read_meta(folder)
+    cls = getattr(transformers, meta["architecture"], None)
+    if cls is None:
+        raise RankcutError(f"transformers has no model class {meta['architecture']!r}")
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError) as err:
+        raise RankcutError(f"cannot read {folder / 'config.json'}: {err}") from err
+    # Parameters on meta (no allocation, no random init); buffers are real so that
+    # non-persistent ones (rotary frequencies) are computed as usual.
+    with init_empty_weights(include_buffers=False):
+        model = cls._from_config(config, dtype=getattr(torch, meta.get("dtype", "float32")))
+    for name, spec in meta["layers"].items():
+        try:
+            model.get_submodule(name)
+        except AttributeError as err:
+            raise RankcutError(f"rankcut.json names layer {name!r}, absent from the model") from err
+        replace_module(model, name, LAYER_TYPES[spec["type"]].from_structure(spec, device="meta"))
+    try:
+        state = load_file(str(folder / WEIGHTS_FILE), device=str(device))
+    except (OSError, SafetensorError) as err:
+        raise RankcutError(f"cannot read {folder / WEIGHTS_FILE}: {err}") from err
+    try:
+        result = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()
+        raise RankcutError(f"weights do not match rankcut.json: {' '.join(first[:3])}") from err
+    if result.unexpected_keys:
+        raise RankcutError(f"unexpected tensors in {WEIGHTS_FILE}: {result.unexpected_keys[:5]}")
+    for dropped, kept in meta.get("tied", {}).items():
+        _alias_parameter(model, dropped, kept)
+    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if missing:
+        raise RankcutError(f"{WEIGHTS_FILE} lacks tensors for: {missing[:5]}")
+    model.to(device)
+    model.eval()
+    model.rankcut_meta = {k: meta[k] for k in ("method_config", "params") if k in meta}
+    return model
+
+
+def _alias_parameter(model: nn.Module, dropped: str, kept: str) -> None:
+    mod_name, _, attr = dropped.rpartition(".")
+    kmod_name, _, kattr = kept.rpartition(".")
+    try:
+        target = model.get_submodule(mod_name)
+        source = getattr(model.get_submodule(kmod_name), kattr)
+    except AttributeError as err:
+        raise RankcutError(f"invalid tied entry {dropped!r} -> {kept!r}") from err
+    if isinstance(source, nn.Parameter):
+        setattr(target, attr, source)
+    else:
+        target.register_buffer(attr, source)
+
+
+def load(spec: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
+    """Load a model from anything ``--model`` accepts.
+
+    ``spec`` may be a built-in alias (``smollm2-135m``, ``minilm-l6``), a local Hugging
+    Face folder, a ``.gguf`` file, a hub id (needs a network) or a rankcut output folder.
+    Returns a transformers model, factorized where it was compressed, in eval mode.
+
+    Example:
+        >>> model = rankcut.load("runs/smollm2-svdllm")  # doctest: +SKIP
+    """
+    spec = str(spec)
+    kind, location = hf_location(spec)
+    if kind == "rankcut":
+        return load_rankcut_dir(location, device=device)
+    model = load_hf_model(location)
+    return model.to(device).eval()
+
+
+def load_tokenizer(spec: str | os.PathLike):
+    """The tokenizer that goes with ``spec`` (same sources as ``load``)."""
+    from transformers import AutoTokenizer
+
+    kind, location = hf_location(str(spec))
+    try:
+        return AutoTokenizer.from_pretrained(location)
+    except (OSError, ValueError) as err:
+        hint = " (saved without a tokenizer)" if is_rankcut_dir(Path(location)) else ""
+        raise RankcutError(f"cannot load a tokenizer from {spec!r}{hint}: {err}") from err

@@ -1,0 +1,23 @@
+"""Factorized layers as real ``nn.Module``s, and a registry to rebuild them on load."""
+
+from .linear import dense_shape, dense_weight, is_dense_linear
+from .lowrank import LowRankLinear
+
+#: Layer types that ``rankcut.load`` can rebuild from ``rankcut.json``, by class name.
+LAYER_TYPES: dict[str, type] = {"LowRankLinear": LowRankLinear}
+
+
+def factorized_modules(model):
+    """``(name, module)`` for every factorized layer in ``model``."""
+    types = tuple(LAYER_TYPES.values())
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, types)]
+
+
+__all__ = [
+    "LAYER_TYPES",
+    "LowRankLinear",
+    "dense_shape",
+    "dense_weight",
+    "factorized_modules",
+    "is_dense_linear",
+]

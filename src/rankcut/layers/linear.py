@@ -1,0 +1,38 @@
+"""Uniform access to dense linear layers: ``nn.Linear`` and Hugging Face ``Conv1D``.
+
+GPT-2's ``Conv1D`` stores its weight transposed, ``(in, out)``; everything in rankcut
+works on the ``nn.Linear`` convention ``(out, in)``.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+
+def _conv1d_type() -> type | None:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # transformers is a dependency, but keep the math usable without it
+        return None
+    return Conv1D
+
+
+def is_dense_linear(module: nn.Module) -> bool:
+    """True for ``nn.Linear`` and HF ``Conv1D`` modules."""
+    conv1d = _conv1d_type()
+    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
+
+
+def dense_weight(module: nn.Module) -> Tensor:
+    """The weight as ``(out_features, in_features)``, without copying when possible."""
+    if isinstance(module, nn.Linear):
+        return module.weight
+    if is_dense_linear(module):
+        return module.weight.T
+    raise TypeError(f"not a dense linear layer: {type(module).__name__}")
+
+
+def dense_shape(module: nn.Module) -> tuple[int, int]:
+    """``(out_features, in_features)`` of a dense linear layer."""
+    out_features, in_features = dense_weight(module).shape
+    return int(out_features), int(in_features)

@@ -1,0 +1,136 @@
+"""``LowRankLinear``: a linear layer stored as two factors, ``y = up(down(x))``."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .linear import dense_weight
+
+
+class LowRankLinear(nn.Module):
+    """A rank-``r`` replacement for a dense ``(out, in)`` linear layer.
+
+    Holds ``down`` (``in -> r``, no bias) and ``up`` (``r -> out``, carrying the
+    original bias) as ``nn.Linear`` submodules, so adapters (LoRA) and optimizers see
+    ordinary layers. ``forward`` applies the two factors in turn and never rebuilds the
+    dense weight: it costs ``r (in + out)`` multiply-adds per token instead of
+    ``in * out``.
+
+    Example:
+        >>> import torch
+        >>> dense = torch.nn.Linear(8, 6)
+        >>> lr = LowRankLinear.from_linear(dense, rank=6)
+        >>> x = torch.randn(2, 8)
+        >>> torch.allclose(lr(x), dense(x), atol=1e-5)
+        True
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"rank must be >= 1, got {rank}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.rank = rank
+        self.down = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
+        self.up = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
+
+    @classmethod
+    def from_factors(
+        cls,
+        up: Tensor,
+        down: Tensor,
+        bias: Tensor | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> LowRankLinear:
+        """Build from ``up`` ``(out, r)`` and ``down`` ``(r, in)`` (cast to ``dtype``)."""
+        if up.ndim != 2 or down.ndim != 2 or up.shape[1] != down.shape[0]:
+            raise ValueError(f"incompatible factors {tuple(up.shape)} @ {tuple(down.shape)}")
+        dtype = dtype or (bias.dtype if bias is not None else torch.float32)
+        layer = cls(
+            down.shape[1], up.shape[0], up.shape[1], bias is not None, device=up.device, dtype=dtype
+        )
+        with torch.no_grad():
+            layer.up.weight.copy_(up)
+            layer.down.weight.copy_(down)
+            if bias is not None:
+                layer.up.bias.copy_(bias)
+        return layer
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, rank: int) -> LowRankLinear:
+        """Truncated-SVD replacement of an ``nn.Linear`` or HF ``Conv1D``."""
+        from ..decompose import svd_factors
+
+        weight = dense_weight(linear).detach()
+        up, down = svd_factors(weight, rank)
+        return cls.from_factors(up, down, linear.bias, dtype=weight.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.up(self.down(x))
+
+    def weight_product(self) -> Tensor:
+        """The dense ``(out, in)`` matrix ``up @ down`` (for analysis, not for forward)."""
+        return self.up.weight @ self.down.weight
+
+    def to_linear(self) -> nn.Linear:
+        """An equivalent dense ``nn.Linear``."""
+        w = self.weight_product()
+        linear = nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=self.up.bias is not None,
+            device=w.device,
+            dtype=w.dtype,
+        )
+        with torch.no_grad():
+            linear.weight.copy_(w)
+            if self.up.bias is not None:
+                linear.bias.copy_(self.up.bias)
+        return linear
+
+    def num_params(self) -> int:
+        """Parameters stored: ``r (in + out)`` plus the bias."""
+        bias = self.out_features if self.up.bias is not None else 0
+        return self.rank * (self.in_features + self.out_features) + bias
+
+    def dense_params(self) -> int:
+        """Parameters of the dense layer this one replaces."""
+        bias = self.out_features if self.up.bias is not None else 0
+        return self.in_features * self.out_features + bias
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"rank={self.rank}, bias={self.up.bias is not None}"
+        )
+
+    def structure(self) -> dict:
+        """What ``rankcut.json`` records to rebuild this layer."""
+        return {
+            "type": type(self).__name__,
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "rank": self.rank,
+            "bias": self.up.bias is not None,
+        }
+
+    @classmethod
+    def from_structure(cls, spec: dict, device: str | torch.device = "meta", dtype=None):
+        return cls(
+            int(spec["in_features"]),
+            int(spec["out_features"]),
+            int(spec["rank"]),
+            bool(spec["bias"]),
+            device=device,
+            dtype=dtype,
+        )

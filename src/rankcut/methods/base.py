@@ -1,0 +1,130 @@
+"""Method configs and the registry that maps each config type to its handler.
+
+Adding a method means one new module in ``rankcut/methods`` with a config dataclass
+and a ``@register_method`` factorize function; ``api.compress`` never changes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from torch import Tensor
+
+from ..calibrate import LayerStats
+from ..errors import ConfigError
+
+
+@dataclass
+class MethodConfig:
+    """Options shared by every factorization method.
+
+    Attributes:
+        ratio: fraction of the targeted matrices' parameters to remove, in (0, 1).
+        targets: regexes over module names to factorize; ``None`` = every dense linear
+            inside the decoder layers (embeddings and LM head excluded).
+        exclude: regexes removing modules from the targets.
+        rank_pattern: per-module rank overrides, ``{regex: rank}`` (first match wins).
+        allocation: rank allocator name (see ``rankcut.rank.ALLOCATORS``).
+    """
+
+    method: ClassVar[str] = ""
+    version: ClassVar[int] = 1
+
+    ratio: float = 0.2
+    targets: list[str] | None = None
+    exclude: list[str] = field(default_factory=list)
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    allocation: str = "uniform"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)):
+            raise ConfigError(f"ratio must be a number, got {self.ratio!r}")
+        if not 0.0 < float(self.ratio) < 1.0:
+            raise ConfigError(f"ratio must be in (0, 1), got {self.ratio}")
+        self.ratio = float(self.ratio)
+        for pattern in [*(self.targets or []), *self.exclude, *self.rank_pattern]:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ConfigError(f"invalid regex {pattern!r}: {err}") from err
+        for pattern, rank in self.rank_pattern.items():
+            if not isinstance(rank, int) or rank < 0:
+                raise ConfigError(f"rank_pattern[{pattern!r}] must be an int >= 0, got {rank!r}")
+        from ..rank import ALLOCATORS
+
+        if self.allocation not in ALLOCATORS:
+            known = ", ".join(sorted(ALLOCATORS))
+            raise ConfigError(f"unknown allocation {self.allocation!r}; known: {known}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict including the method name and config version."""
+        return {"method": self.method, "version": self.version, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MethodConfig:
+        """Inverse of ``to_dict``; unknown keys are an error, not silently dropped."""
+        data = dict(data)
+        method = data.pop("method", cls.method)
+        version = data.pop("version", cls.version)
+        config_cls = get_method(method).config_cls if cls is MethodConfig else cls
+        if version > config_cls.version:
+            raise ConfigError(
+                f"{method} config version {version} is newer than this rankcut supports "
+                f"({config_cls.version})"
+            )
+        names = {f.name for f in dataclasses.fields(config_cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"unknown {method} config keys: {', '.join(unknown)}")
+        return config_cls(**data)
+
+
+Factorize = Callable[[Tensor, LayerStats, int, MethodConfig, str], tuple[Tensor, Tensor]]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registered method: its config type, what it needs from calibration, its math."""
+
+    name: str
+    config_cls: type[MethodConfig]
+    factorize: Factorize
+    needs: frozenset[str]
+    summary: str
+
+
+METHODS: dict[str, MethodSpec] = {}
+
+
+def register_method(
+    name: str, config_cls: type[MethodConfig], needs: tuple[str, ...] = (), summary: str = ""
+) -> Callable[[Factorize], Factorize]:
+    """Register ``factorize(weight, stats, rank, config, module_name) -> (up, down)``.
+
+    ``weight`` is the float64 ``(out, in)`` matrix; ``needs`` names the statistics to
+    collect (``gram``, ``abs_mean``, ``fisher``).
+    """
+
+    def wrap(fn: Factorize) -> Factorize:
+        config_cls.method = name
+        METHODS[name] = MethodSpec(name, config_cls, fn, frozenset(needs), summary)
+        return fn
+
+    return wrap
+
+
+def get_method(name: str) -> MethodSpec:
+    if name not in METHODS:
+        raise ConfigError(f"unknown method {name!r}; known: {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+def spec_for_config(config: MethodConfig) -> MethodSpec:
+    for spec in METHODS.values():
+        if type(config) is spec.config_cls:
+            return spec
+    raise ConfigError(f"no method registered for {type(config).__name__}")

@@ -1,0 +1,42 @@
+"""Truncation-aware data whitening (SVD-LLM, Wang et al. 2024)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..decompose import psd_cholesky, whitened_factors
+from ..errors import ConfigError
+from .base import MethodConfig, register_method
+
+
+@dataclass
+class SvdLlmConfig(MethodConfig):
+    """Whiten with the Cholesky factor ``S`` of ``X^T X``; ``W' = [W S]_r S^-1``.
+
+    Minimizes the layer's output error ``||(W - W') X^T||_F`` on the calibration data.
+
+    Attributes:
+        eps: relative diagonal shift used when ``X^T X`` is not positive definite.
+    """
+
+    eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.eps <= 0:
+            raise ConfigError(f"eps must be > 0, got {self.eps}")
+
+
+@register_method(
+    "svd-llm",
+    SvdLlmConfig,
+    needs=("gram",),
+    summary="truncation-aware whitening with the Cholesky factor of X^T X (SVD-LLM)",
+)
+def svd_llm(weight, stats, rank, config, name):
+    gram = stats.inputs.gram
+    chol = stats.extras.get("chol")
+    if chol is None:  # modules sharing an input share one factorization of their Gram
+        chol = psd_cholesky(gram.to(weight.device), eps=config.eps, name=name)
+        stats.extras["chol"] = chol
+    return whitened_factors(weight, chol, rank)

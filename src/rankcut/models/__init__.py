@@ -1,0 +1,16 @@
+"""Model sources and structure discovery."""
+
+from .sources import BUILTIN_MODELS, cache_dir, gguf_to_hf_dir, hf_location, resolve
+from .structure import find_decoder_layers, find_targets, get_parent, replace_module
+
+__all__ = [
+    "BUILTIN_MODELS",
+    "cache_dir",
+    "find_decoder_layers",
+    "find_targets",
+    "get_parent",
+    "gguf_to_hf_dir",
+    "hf_location",
+    "replace_module",
+    "resolve",
+]

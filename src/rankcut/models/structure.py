@@ -1,0 +1,90 @@
+"""Find decoder layers and target linears from the model's own structure.
+
+No branching on model names: decoder layers are the repeated blocks the model declares
+in ``_no_split_modules`` (Hugging Face's unit for device placement), and failing that
+the longest ``nn.ModuleList`` of same-typed modules.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from torch import nn
+
+from ..errors import RankcutError
+from ..layers import is_dense_linear
+
+
+def find_decoder_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of each repeated transformer block, in execution order."""
+    declared = set(getattr(model, "_no_split_modules", None) or [])
+    candidates: list[list[tuple[str, nn.Module]]] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        kinds = {type(child).__name__ for child in module}
+        if len(kinds) != 1:
+            continue
+        prefix = f"{name}." if name else ""
+        blocks = [(f"{prefix}{i}", child) for i, child in enumerate(module)]
+        if kinds & declared:
+            return blocks
+        candidates.append(blocks)
+    if not candidates:
+        return []
+    # Fallback: the longest homogeneous ModuleList is the stack of blocks.
+    return max(candidates, key=len)
+
+
+def _matches(name: str, patterns: Iterable[str]) -> bool:
+    return any(re.search(p, name) for p in patterns)
+
+
+def find_targets(
+    model: nn.Module,
+    targets: list[str] | None = None,
+    exclude: list[str] | None = None,
+) -> dict[str, nn.Module]:
+    """Dense linears to factorize, by qualified name.
+
+    Args:
+        model: the model.
+        targets: regexes (``re.search``) over module names. ``None`` means every dense
+            linear inside the decoder layers; embeddings and the LM head lie outside
+            them and are therefore excluded by default.
+        exclude: regexes removing names from the selection.
+
+    Raises:
+        RankcutError: when nothing matches; the message lists what exists.
+    """
+    exclude = list(exclude or [])
+    linears = {n: m for n, m in model.named_modules() if is_dense_linear(m)}
+    if targets is None:
+        blocks = [name for name, _ in find_decoder_layers(model)]
+        selected = {n: m for n, m in linears.items() if any(n.startswith(b + ".") for b in blocks)}
+        looked_for = "dense linears inside decoder layers"
+    else:
+        selected = {n: m for n, m in linears.items() if _matches(n, targets)}
+        looked_for = f"dense linears matching {targets}"
+    selected = {n: m for n, m in selected.items() if not _matches(n, exclude)}
+    if not selected:
+        names = sorted(linears)
+        shown = ", ".join(names[:12]) + (f", ... ({len(names)} in all)" if len(names) > 12 else "")
+        raise RankcutError(
+            f"no target module found: looked for {looked_for}"
+            + (f" excluding {exclude}" if exclude else "")
+            + f"; the model has these dense linears: {shown or 'none'}"
+        )
+    return selected
+
+
+def get_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """The parent module of ``name`` and the attribute under which it holds it."""
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, child = get_parent(model, name)
+    setattr(parent, child, new)
