@@ -153,7 +153,7 @@ def collect_layer_stats(
 ) -> dict[str, LayerStats]:
     """Gather what a method ``needs`` (``gram``, ``abs_mean``, ``fisher``) for each module."""
     stats = {name: LayerStats() for name in modules}
-    if not needs:
+    if not needs or not modules:
         return stats
     if windows is None:
         raise RankcutError(f"this method needs calibration data ({', '.join(sorted(needs))})")

@@ -1,0 +1,117 @@
+"""Mathematics of the factorizations (pure tensors)."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rankcut.decompose import (
+    column_scaled_factors,
+    psd_cholesky,
+    svd_factors,
+    whitened_factors,
+    whitened_spectrum,
+)
+
+
+def rand(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+@settings(max_examples=25, deadline=None)
+@given(m=st.integers(1, 12), n=st.integers(1, 12), seed=st.integers(0, 1000))
+def test_full_rank_reproduces_weight(m, n, seed):
+    w = rand(m, n, seed=seed)
+    up, down = svd_factors(w, min(m, n))
+    assert up.shape == (m, min(m, n)) and down.shape == (min(m, n), n)
+    torch.testing.assert_close(up @ down, w)
+
+
+@settings(max_examples=20, deadline=None)
+@given(m=st.integers(2, 10), n=st.integers(2, 10), seed=st.integers(0, 1000))
+def test_error_non_increasing_in_rank_all_methods(m, n, seed):
+    w = rand(m, n, seed=seed)
+    x = rand(40, n, seed=seed + 1)
+    chol = psd_cholesky(x.T @ x)
+    scale = rand(n, seed=seed + 2).abs() + 0.1
+    errors = {"svd": [], "white": [], "scaled": []}
+    for r in range(1, min(m, n) + 1):
+        errors["svd"].append(torch.linalg.norm(w - torch.matmul(*svd_factors(w, r))))
+        errors["white"].append(torch.linalg.norm((w - torch.matmul(*whitened_factors(w, chol, r))) @ x.T))
+        errors["scaled"].append(
+            torch.linalg.norm((w - torch.matmul(*column_scaled_factors(w, scale, r))) * scale)
+        )
+    for errs in errors.values():
+        for a, b in zip(errs, errs[1:]):
+            assert b <= a + 1e-9
+        assert errs[-1] < 1e-8 * (1 + float(errs[0]))
+
+
+def test_truncation_error_equals_dropped_singular_values():
+    w = rand(9, 7)
+    s = torch.linalg.svdvals(w)
+    up, down = svd_factors(w, 3)
+    err2 = torch.linalg.norm(w - up @ down) ** 2
+    torch.testing.assert_close(err2, (s[3:] ** 2).sum())
+
+
+def test_whitened_truncation_beats_plain_svd_on_output_error():
+    # Anisotropic inputs: a few channels carry most of the energy.
+    x = rand(200, 16, seed=3) * torch.logspace(0, 2, 16, dtype=torch.float64)
+    w = rand(12, 16, seed=4)
+    chol = psd_cholesky(x.T @ x)
+    for r in (2, 4, 8):
+        plain = torch.linalg.norm((w - torch.matmul(*svd_factors(w, r))) @ x.T)
+        white = torch.linalg.norm((w - torch.matmul(*whitened_factors(w, chol, r))) @ x.T)
+        assert white < plain
+        # Each dropped whitened singular value s_i adds exactly s_i^2 to the output error.
+        s = whitened_spectrum(w, chol)
+        torch.testing.assert_close(white**2, (s[r:] ** 2).sum())
+
+
+def test_whitened_truncation_is_optimal_among_random_rank_r_maps():
+    x = rand(100, 8, seed=5)
+    w = rand(6, 8, seed=6)
+    chol = psd_cholesky(x.T @ x)
+    best = torch.linalg.norm((w - torch.matmul(*whitened_factors(w, chol, 3))) @ x.T)
+    for seed in range(20):
+        a, b = rand(6, 3, seed=100 + seed), rand(3, 8, seed=200 + seed)
+        assert best <= torch.linalg.norm((w - a @ b) @ x.T)
+
+
+def test_psd_cholesky_repairs_singular_gram(caplog):
+    x = rand(3, 6)  # rank 3 < 6: X^T X is singular
+    g = x.T @ x
+    with caplog.at_level("WARNING"):
+        s = psd_cholesky(g, name="demo")
+    assert "not positive definite" in caplog.text
+    assert torch.isfinite(s).all()
+    assert torch.allclose(s @ s.T, g, atol=1e-4 * float(g.diagonal().mean()))
+
+
+def test_psd_cholesky_rejects_nan():
+    g = torch.eye(3, dtype=torch.float64)
+    g[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        psd_cholesky(g)
+
+
+def test_column_scaled_minimizes_weighted_error():
+    w = rand(10, 6)
+    d = torch.tensor([10.0, 5.0, 1.0, 0.5, 0.1, 0.01], dtype=torch.float64)
+    for r in (1, 2, 4):
+        weighted = torch.linalg.norm((w - torch.matmul(*column_scaled_factors(w, d, r))) * d)
+        plain = torch.linalg.norm((w - torch.matmul(*svd_factors(w, r))) * d)
+        assert weighted <= plain + 1e-12
+
+
+@pytest.mark.parametrize("bad", [torch.zeros(4), -torch.ones(4), torch.ones(3)])
+def test_column_scaled_rejects_bad_scale(bad):
+    with pytest.raises(ValueError):
+        column_scaled_factors(rand(5, 4), bad, 2)
+
+
+@pytest.mark.parametrize("rank", [0, 6])
+def test_rank_out_of_range(rank):
+    with pytest.raises(ValueError, match="rank"):
+        svd_factors(rand(5, 4), rank)

@@ -1,0 +1,60 @@
+"""LowRankLinear: construction from nn.Linear and GPT-2 Conv1D, counts, round trips."""
+
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from rankcut.layers import LowRankLinear, dense_weight
+
+
+def test_from_linear_full_rank_matches():
+    torch.manual_seed(0)
+    lin = nn.Linear(12, 8)
+    lr = LowRankLinear.from_linear(lin, rank=8)
+    x = torch.randn(3, 5, 12)
+    torch.testing.assert_close(lr(x), lin(x), atol=1e-5, rtol=1e-5)
+    assert (lr.in_features, lr.out_features, lr.rank) == (12, 8, 8)
+
+
+def test_from_conv1d_full_rank_matches():
+    torch.manual_seed(0)
+    conv = Conv1D(nf=8, nx=12)  # GPT-2 layout: weight is (in=12, out=8)
+    nn.init.normal_(conv.weight)
+    nn.init.normal_(conv.bias)
+    lr = LowRankLinear.from_linear(conv, rank=8)
+    x = torch.randn(2, 4, 12)
+    torch.testing.assert_close(lr(x), conv(x), atol=1e-4, rtol=1e-4)
+    assert dense_weight(conv).shape == (8, 12)
+    assert (lr.in_features, lr.out_features) == (12, 8)
+
+
+def test_truncation_and_to_linear():
+    torch.manual_seed(0)
+    lin = nn.Linear(10, 6, bias=False)
+    lr = LowRankLinear.from_linear(lin, rank=3)
+    dense = lr.to_linear()
+    x = torch.randn(4, 10)
+    torch.testing.assert_close(dense(x), lr(x), atol=1e-5, rtol=1e-5)
+    assert torch.linalg.matrix_rank(dense.weight.detach()) == 3
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_param_counts_exact(bias):
+    lr = LowRankLinear(30, 20, rank=7, bias=bias)
+    stored = sum(p.numel() for p in lr.parameters())
+    assert lr.num_params() == stored == 7 * (30 + 20) + (20 if bias else 0)
+    assert lr.dense_params() == 30 * 20 + (20 if bias else 0)
+
+
+def test_forward_never_builds_dense_weight(monkeypatch):
+    lr = LowRankLinear(16, 16, rank=2)
+    monkeypatch.setattr(lr, "weight_product", lambda: pytest.fail("dense weight rebuilt"))
+    lr(torch.randn(2, 16))
+
+
+def test_extra_repr_and_structure():
+    lr = LowRankLinear(5, 4, rank=2, bias=False)
+    assert "rank=2" in repr(lr)
+    rebuilt = LowRankLinear.from_structure(lr.structure(), device="cpu")
+    assert rebuilt.structure() == lr.structure()
