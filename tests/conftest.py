@@ -48,8 +48,13 @@ def tiny_llama(vocab_size: int = 400, seed: int = 0):
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab_size,
+        max_position_embeddings=256,
         tie_word_embeddings=True,
     )
     return LlamaForCausalLM(cfg).eval()
@@ -68,8 +73,12 @@ def tiny_bert(vocab_size: int = 400, seed: int = 0):
 
     torch.manual_seed(seed)
     cfg = BertConfig(
-        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-        vocab_size=vocab_size, max_position_embeddings=256,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        vocab_size=vocab_size,
+        max_position_embeddings=256,
     )
     return BertModel(cfg).eval()
 

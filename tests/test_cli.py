@@ -178,11 +178,6 @@ def test_quiet_eval_of_rankcut_output_is_silent(capsys, svd_out, eval_file):
     assert capsys.readouterr().err == ""
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: -q does not silence transformers' 'Loading weights' progress bar "
-    "(printed to stderr by from_pretrained when a Hugging Face folder is loaded)",
-)
 @pytest.mark.parametrize("command", ["compress", "eval", "error"])
 def test_quiet_means_no_progress_bars(command, capsys, tmp_path, tiny_llama_dir, eval_file):
     capsys.readouterr()
@@ -201,7 +196,7 @@ def test_quiet_means_no_progress_bars(command, capsys, tmp_path, tiny_llama_dir,
 # --------------------------------------------------------------------------- user errors
 
 
-@pytest.mark.parametrize("ratio", ["0", "1.5", "1", "-0.2"])
+@pytest.mark.parametrize("ratio", ["0", "1.5", "1", "-0.2", "nan"])
 def test_bad_ratio(ratio, capsys, tmp_path, tiny_llama_dir):
     args = compress_args(tiny_llama_dir, tmp_path / "out")
     args[args.index("--ratio") + 1] = ratio
@@ -397,6 +392,27 @@ def test_hand_edited_rankcut_json(edit, fragment, capsys, svd_copy, eval_file):
     assert_user_error(capsys, code, fragment)
 
 
+def _drop_tokenizer(folder: Path) -> None:
+    for path in folder.iterdir():
+        if path.name.startswith(("tokenizer", "special_tokens")):
+            path.unlink()
+
+
+def test_eval_of_output_saved_without_tokenizer(capsys, svd_copy, eval_file):
+    _drop_tokenizer(svd_copy)
+    code = run("eval", svd_copy, "--data", eval_file, *EVAL)
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "rankcut: error: cannot load a tokenizer" in err
+    assert "saved without a tokenizer" in err
+
+
+def test_eval_of_output_saved_without_tokenizer_one_line(capsys, svd_copy, eval_file):
+    _drop_tokenizer(svd_copy)
+    code = run("eval", svd_copy, "--data", eval_file, *EVAL)
+    assert_user_error(capsys, code, "saved without a tokenizer")
+
+
 def test_missing_weights_file(capsys, svd_copy, eval_file):
     (svd_copy / "model.safetensors").unlink()
     code = run("eval", svd_copy, "--data", eval_file, *EVAL)
@@ -443,6 +459,35 @@ def test_cuda_requested_without_cuda(capsys, tmp_path, tiny_llama_dir):
         pytest.skip("a CUDA device is available")
     code = run(*compress_args(tiny_llama_dir, tmp_path / "out", extra=["--device", "cuda"]))
     assert_user_error(capsys, code, "--device cuda")
+
+
+def test_compress_a_compressed_output(capsys, tmp_path, svd_out):
+    out = tmp_path / "again"
+    code = run(*compress_args(svd_out, out))
+    if code != 0:
+        assert_user_error(capsys, code)  # refusing clearly would be fine too
+    else:
+        assert (out / "rankcut.json").is_file()
+
+
+def test_tied_lm_head_accounting(capsys, tmp_path, tiny_llama_dir, eval_file):
+    base = eval_json(capsys, tiny_llama_dir, eval_file)
+    out = tmp_path / "out"
+    assert run(*compress_args(tiny_llama_dir, out, extra=["--targets", "lm_head"])) == 0
+    report = eval_json(capsys, out, eval_file)
+    # A tied head stays dense: factorizing it would untie it and grow the model.
+    assert report["params_dense_equivalent"] == base["params_total"]
+    assert report["params_total"] == base["params_total"]
+    meta = json.loads((out / "rankcut.json").read_text())
+    assert meta["kept_dense"] == ["lm_head"] and meta["layers"] == {}
+
+
+def test_out_is_the_current_folder(capsys, tiny_llama_dir):
+    code = run(*compress_args(tiny_llama_dir, "."))
+    if code != 0:
+        assert_user_error(capsys, code)
+    else:
+        assert Path("rankcut.json").is_file()
 
 
 # --------------------------------------------------------------------------- --debug
@@ -527,6 +572,35 @@ def test_bad_recipe(content, fragment, capsys, tmp_path):
     recipe.write_text(content)
     code = run("compress", "--recipe", recipe, "--out", tmp_path / "out")
     assert_user_error(capsys, code, fragment)
+
+
+def test_yaml_recipe(tmp_path, tiny_llama_dir):
+    pytest.importorskip("yaml")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"model: {tiny_llama_dir}\nmethod: svd\nratio: 0.5\n")
+    out = tmp_path / "out"
+    assert run("compress", "--recipe", recipe, "--ratio", RATIO, "--out", out) == 0
+    saved = json.loads((out / "recipe.json").read_text())
+    assert saved["method"] == "svd" and saved["ratio"] == RATIO
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"samples": "4"}, {"option": [1]}, {"targets": "q_proj"}],
+    ids=["samples-string", "option-list", "targets-string"],
+)
+def test_recipe_with_wrongly_typed_values(fields, capsys, tmp_path, tiny_llama_dir, calib_file):
+    recipe = tmp_path / "recipe.json"
+    base = {"model": str(tiny_llama_dir), "method": "svd-llm", "ratio": RATIO}
+    base.update(calib=str(calib_file), samples=4, seq_len=32)
+    recipe.write_text(json.dumps({**base, **fields}))
+    out = tmp_path / "out"
+    code = run("compress", "--recipe", recipe, "--out", out)
+    if code == 0:  # accepted: then it must mean what it says
+        layers = json.loads((out / "rankcut.json").read_text())["layers"]
+        assert all(name.endswith("q_proj") for name in layers), sorted(layers)
+    else:
+        assert_user_error(capsys, code)
 
 
 def test_missing_recipe(capsys, tmp_path):

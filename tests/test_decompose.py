@@ -37,12 +37,14 @@ def test_error_non_increasing_in_rank_all_methods(m, n, seed):
     errors = {"svd": [], "white": [], "scaled": []}
     for r in range(1, min(m, n) + 1):
         errors["svd"].append(torch.linalg.norm(w - torch.matmul(*svd_factors(w, r))))
-        errors["white"].append(torch.linalg.norm((w - torch.matmul(*whitened_factors(w, chol, r))) @ x.T))
+        errors["white"].append(
+            torch.linalg.norm((w - torch.matmul(*whitened_factors(w, chol, r))) @ x.T)
+        )
         errors["scaled"].append(
             torch.linalg.norm((w - torch.matmul(*column_scaled_factors(w, scale, r))) * scale)
         )
     for errs in errors.values():
-        for a, b in zip(errs, errs[1:]):
+        for a, b in zip(errs, errs[1:], strict=False):
             assert b <= a + 1e-9
         assert errs[-1] < 1e-8 * (1 + float(errs[0]))
 

@@ -51,9 +51,7 @@ def test_tied_embeddings_stay_tied(tmp_path):
     assert meta["tied"] == {"lm_head.weight": "model.embed_tokens.weight"}
     loaded = rankcut.load(tmp_path / "out")
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
-    assert sum(p.numel() for p in loaded.parameters()) == sum(
-        p.numel() for p in model.parameters()
-    )
+    assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in model.parameters())
 
 
 def test_load_hf_dir_and_tokenizer(tiny_llama_dir):
@@ -93,13 +91,20 @@ def test_interrupted_save_leaves_nothing(tmp_path, monkeypatch):
         (lambda m: "{not json", "cannot read"),
         (lambda m: json.dumps({**m, "format": "other"}), "not a rankcut"),
         (lambda m: json.dumps({**m, "format_version": 99}), "format_version"),
-        (lambda m: json.dumps({**m, "layers": {"model.layers.0.mlp.up_proj": {"type": "X"}}}),
-         "invalid layer"),
-        (lambda m: json.dumps({**m, "layers": {"nope.q": {**next(iter(m["layers"].values()))}}}),
-         "absent"),
-        (lambda m: json.dumps({**m, "layers": {
-            k: {**v, "rank": v["rank"] + 1} for k, v in m["layers"].items()}}),
-         "do not match"),
+        (
+            lambda m: json.dumps({**m, "layers": {"model.layers.0.mlp.up_proj": {"type": "X"}}}),
+            "invalid layer",
+        ),
+        (
+            lambda m: json.dumps({**m, "layers": {"nope.q": {**next(iter(m["layers"].values()))}}}),
+            "absent",
+        ),
+        (
+            lambda m: json.dumps(
+                {**m, "layers": {k: {**v, "rank": v["rank"] + 1} for k, v in m["layers"].items()}}
+            ),
+            "do not match",
+        ),
         (lambda m: json.dumps({**m, "architecture": "NoSuchModel"}), "no model class"),
     ],
 )

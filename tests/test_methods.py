@@ -39,7 +39,7 @@ def test_compress_every_method_every_arch(method, arch, windows):
         assert layer.rank == rank_for_ratio(m, n, 0.4)
         assert isinstance(layer, LowRankLinear)
     after = sum(p.numel() for p in model.parameters())
-    saved = sum(l.dense_params() - l.num_params() for l in layers.values())
+    saved = sum(x.dense_params() - x.num_params() for x in layers.values())
     assert before - after == saved == result.params["model_before"] - result.params["model_after"]
     assert result.params["targeted_after"] <= 0.6 * result.params["targeted_before"]
     out = model(input_ids=windows[:1])
@@ -96,7 +96,7 @@ def test_svd_llm_lower_output_error_than_svd(windows):
         x = collect_input_stats(model, {name: lin}, windows, progress=False)[name]
         w = dense_weight(lin).detach().double()
         r = max(1, min(w.shape) // 4)
-        stats = type("S", (), {"inputs": x, "extras": {}})()
+        stats = type("S", (), {"inputs": x})()
         svd_up, svd_down = METHODS["svd"].factorize(w, stats, r, SvdConfig(), name)
         llm_up, llm_down = METHODS["svd-llm"].factorize(w, stats, r, SvdLlmConfig(), name)
         assert _output_error(model, name, llm_up, llm_down, windows) < _output_error(
@@ -181,8 +181,16 @@ def test_targets_exclude_and_errors():
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"ratio": 0}, {"ratio": 1}, {"ratio": -0.1}, {"ratio": "x"},
-               {"targets": ["("]}, {"rank_pattern": {"q": -1}}, {"allocation": "nope"}]
+    "kwargs",
+    [
+        {"ratio": 0},
+        {"ratio": 1},
+        {"ratio": -0.1},
+        {"ratio": "x"},
+        {"targets": ["("]},
+        {"rank_pattern": {"q": -1}},
+        {"allocation": "nope"},
+    ],
 )
 def test_config_validation(kwargs):
     with pytest.raises(ConfigError):

@@ -16,7 +16,7 @@ from .errors import RankcutError
 from .evaluate.params import param_summary
 from .layers import LowRankLinear, dense_shape, dense_weight
 from .methods import MethodConfig, spec_for_config
-from .models import find_targets, replace_module
+from .models import find_targets, replace_module, shared_weights
 from .rank import allocate, saves_params
 
 logger = logging.getLogger(__name__)
@@ -106,7 +106,10 @@ def compress(
         override = _pattern_rank(name, config.rank_pattern)
         if override is not None:
             ranks[name] = min(override, *shapes[name])
-    kept = sorted(n for n, r in ranks.items() if not saves_params(*shapes[n], r))
+    tied = set(shared_weights(model, modules))
+    if tied:
+        logger.warning("tied weights stay dense (factorizing would untie them): %s", sorted(tied))
+    kept = sorted(n for n, r in ranks.items() if n in tied or not saves_params(*shapes[n], r))
     todo = {n: m for n, m in modules.items() if n not in kept}
     if kept:
         logger.info("%d matrices stay dense (factorizing would not save parameters)", len(kept))

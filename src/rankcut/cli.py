@@ -133,7 +133,31 @@ def _read_recipe(path: str) -> dict:
     unknown = sorted(set(data) - set(COMPRESS_DEFAULTS))
     if unknown:
         raise RankcutError(f"unknown recipe keys in {path}: {', '.join(unknown)}")
+    for key, value in data.items():
+        expected = RECIPE_TYPES[key]
+        ok = isinstance(value, expected[0]) and not isinstance(value, bool)
+        if ok and expected[0] == (list,):
+            ok = all(isinstance(v, str) for v in value)
+        if not ok and not (value is None and key in ("out", "device", "targets")):
+            raise RankcutError(f"recipe {path}: {key!r} must be {expected[1]}, got {value!r}")
     return data
+
+
+#: Recipe value types: (isinstance check, description for the error message).
+RECIPE_TYPES = {
+    "model": ((str,), "a string"),
+    "method": ((str,), "a string"),
+    "ratio": ((int, float), "a number"),
+    "calib": ((str,), "a string"),
+    "samples": ((int,), "an integer"),
+    "seq_len": ((int,), "an integer"),
+    "out": ((str,), "a string"),
+    "device": ((str,), "a string"),
+    "seed": ((int,), "an integer"),
+    "targets": ((list,), "a list of regex strings"),
+    "exclude": ((list,), "a list of regex strings"),
+    "option": ((dict,), "an object of KEY: VALUE"),
+}
 
 
 def resolve_compress_options(args: argparse.Namespace) -> dict:
@@ -170,11 +194,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     out = Path(
         opts["out"] or f"runs/{Path(str(opts['model'])).stem}-{opts['method']}-{opts['ratio']}"
     )
-    # Fail before any heavy work when the output cannot be written.
-    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
-        raise RankcutError(f"output folder {out} exists and is not empty (use --overwrite)")
-    if out.exists() and not out.is_dir():
-        raise RankcutError(f"output path exists and is not a folder: {out}")
+    io.check_output_dir(out, args.overwrite)  # fail before any heavy work
     device = _device(opts["device"])
     torch.manual_seed(opts["seed"])
     from .models import resolve
@@ -202,10 +222,15 @@ def cmd_compress(args: argparse.Namespace) -> int:
         "kept_dense": result.kept_dense,
         "compression_seconds": round(result.seconds, 3),
     }
-    io.save(result.model, out, tokenizer=tokenizer, overwrite=args.overwrite, extra=extra)
-    recipe = {k: v for k, v in opts.items()}
-    recipe["out"] = str(out)
-    (out / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
+    recipe = {**opts, "out": str(out)}
+    io.save(
+        result.model,
+        out,
+        tokenizer=tokenizer,
+        overwrite=args.overwrite,
+        extra=extra,
+        files={"recipe.json": json.dumps(recipe, indent=2) + "\n"},
+    )
     print(result.summary())
     print(f"saved to {out}")
     return 0
@@ -266,6 +291,17 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def _silence_libraries() -> None:
+    """-q also hides transformers' and the hub's own progress bars."""
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "methods": cmd_methods}
 
 
@@ -276,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.WARNING if args.quiet else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    if args.quiet:
+        _silence_libraries()
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:

@@ -39,6 +39,22 @@ META_FILE = "rankcut.json"
 WEIGHTS_FILE = "model.safetensors"
 
 
+def check_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Absolute path of ``out`` if a save may write there, else a ``RankcutError``."""
+    out = Path(out).expanduser().resolve()
+    cwd = Path.cwd().resolve()
+    if out == cwd or out in cwd.parents:
+        # The folder is replaced by a rename: it must not be (or hold) the working folder.
+        raise RankcutError(
+            f"output folder {out} is the current folder or holds it; name a subfolder"
+        )
+    if out.exists() and not out.is_dir():
+        raise RankcutError(f"output path exists and is not a folder: {out}")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise RankcutError(f"output folder {out} exists and is not empty (use --overwrite)")
+    return out
+
+
 @contextmanager
 def atomic_dir(out: str | os.PathLike, overwrite: bool = False):
     """Yield a temporary folder that replaces ``out`` only if the block succeeds.
@@ -46,11 +62,7 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False):
     Raises:
         RankcutError: if ``out`` exists, is not empty, and ``overwrite`` is False.
     """
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise RankcutError(f"output path exists and is not a folder: {out}")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise RankcutError(f"output folder {out} exists and is not empty (use --overwrite)")
+    out = check_output_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -92,8 +104,11 @@ def save(
     tokenizer=None,
     overwrite: bool = False,
     extra: dict | None = None,
+    files: dict[str, str] | None = None,
 ) -> Path:
     """Save ``model`` (compressed or not) to the folder ``out``, atomically.
+
+    ``files`` maps extra file names to text written into the folder (e.g. the CLI recipe).
 
     Example:
         >>> rankcut.save(result.model, "runs/smollm2-svdllm", tokenizer=tok)  # doctest: +SKIP
@@ -122,6 +137,8 @@ def save(
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return Path(out)
 
@@ -242,4 +259,5 @@ def load_tokenizer(spec: str | os.PathLike):
         return AutoTokenizer.from_pretrained(location)
     except (OSError, ValueError) as err:
         hint = " (saved without a tokenizer)" if is_rankcut_dir(Path(location)) else ""
-        raise RankcutError(f"cannot load a tokenizer from {spec!r}{hint}: {err}") from err
+        first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        raise RankcutError(f"cannot load a tokenizer from {spec!r}{hint}: {first}") from err

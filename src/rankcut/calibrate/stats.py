@@ -22,6 +22,8 @@ class InputStats:
     tokens: int = 0
     want_gram: bool = True
     want_abs: bool = False
+    #: Derived quantities (e.g. a Cholesky factor) that modules sharing this input reuse.
+    cache: dict = field(default_factory=dict, repr=False)
 
     def update(self, x: Tensor) -> None:
         # One batch's products in float32 (fast; a few thousand terms per entry), the
@@ -53,4 +55,3 @@ class LayerStats:
 
     inputs: InputStats | None = None
     fisher_in: Tensor | None = None  # (in,) summed squared gradients per input channel
-    extras: dict = field(default_factory=dict)

@@ -34,9 +34,9 @@ class SvdLlmConfig(MethodConfig):
     summary="truncation-aware whitening with the Cholesky factor of X^T X (SVD-LLM)",
 )
 def svd_llm(weight, stats, rank, config, name):
-    gram = stats.inputs.gram
-    chol = stats.extras.get("chol")
+    inputs = stats.inputs
+    chol = inputs.cache.get("chol")
     if chol is None:  # modules sharing an input share one factorization of their Gram
-        chol = psd_cholesky(gram.to(weight.device), eps=config.eps, name=name)
-        stats.extras["chol"] = chol
+        chol = psd_cholesky(inputs.gram.to(weight.device), eps=config.eps, name=name)
+        inputs.cache["chol"] = chol
     return whitened_factors(weight, chol, rank)

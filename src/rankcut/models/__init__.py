@@ -1,7 +1,13 @@
 """Model sources and structure discovery."""
 
 from .sources import BUILTIN_MODELS, cache_dir, gguf_to_hf_dir, hf_location, resolve
-from .structure import find_decoder_layers, find_targets, get_parent, replace_module
+from .structure import (
+    find_decoder_layers,
+    find_targets,
+    get_parent,
+    replace_module,
+    shared_weights,
+)
 
 __all__ = [
     "BUILTIN_MODELS",
@@ -13,4 +19,5 @@ __all__ = [
     "hf_location",
     "replace_module",
     "resolve",
+    "shared_weights",
 ]

@@ -58,8 +58,16 @@ def find_targets(
     Raises:
         RankcutError: when nothing matches; the message lists what exists.
     """
+    from ..layers import LAYER_TYPES
+
     exclude = list(exclude or [])
-    linears = {n: m for n, m in model.named_modules() if is_dense_linear(m)}
+    factorized = [n for n, m in model.named_modules() if isinstance(m, tuple(LAYER_TYPES.values()))]
+    # The factors of an already factorized layer are nn.Linear too: never targets.
+    linears = {
+        n: m
+        for n, m in model.named_modules()
+        if is_dense_linear(m) and not any(n.startswith(f + ".") for f in factorized)
+    }
     if targets is None:
         blocks = [name for name, _ in find_decoder_layers(model)]
         selected = {n: m for n, m in linears.items() if any(n.startswith(b + ".") for b in blocks)}
@@ -77,6 +85,17 @@ def find_targets(
             + f"; the model has these dense linears: {shown or 'none'}"
         )
     return selected
+
+
+def shared_weights(model: nn.Module, names: Iterable[str]) -> list[str]:
+    """Names among ``names`` whose weight is also used elsewhere (tied embeddings/heads).
+
+    Factorizing a tied weight would untie it and grow the model, so such matrices stay dense.
+    """
+    uses: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        uses[id(p)] = uses.get(id(p), 0) + 1
+    return [n for n in names if uses.get(id(model.get_submodule(n).weight), 0) > 1]
 
 
 def get_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
