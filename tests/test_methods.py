@@ -107,7 +107,7 @@ def test_svd_llm_lower_output_error_than_svd(windows):
 def test_fwsvd_lowers_fisher_weighted_error(windows):
     model = tiny_llama()
     targets = find_targets(model)
-    fisher = collect_fisher(model, targets, windows, progress=False)
+    fisher, _ = collect_fisher(model, targets, windows, progress=False)
     for name, lin in targets.items():
         w = dense_weight(lin).detach().double()
         r = max(1, min(w.shape) // 4)
@@ -125,7 +125,7 @@ def test_fwsvd_lowers_fisher_weighted_error(windows):
 def test_fisher_matches_autograd_per_sample(windows):
     model = tiny_llama()
     name, lin = next(iter(find_targets(model).items()))
-    fisher = collect_fisher(model, {name: lin}, windows[:2], progress=False)[name]
+    fisher = collect_fisher(model, {name: lin}, windows[:2], progress=False)[0][name]
     expected = torch.zeros_like(fisher)
     for row in windows[:2]:
         ids = row[None]

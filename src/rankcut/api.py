@@ -12,12 +12,15 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .calibrate import collect_layer_stats
+from .calibrate.sensitivity import loss_table
+from .decompose import psd_cholesky
 from .errors import RankcutError
 from .evaluate.params import param_summary
-from .layers import LowRankLinear, dense_shape, dense_weight
+from .layers import dense_shape, dense_weight
 from .methods import MethodConfig, spec_for_config
-from .models import find_targets, replace_module, shared_weights
-from .rank import allocate, saves_params
+from .models import find_targets, shared_weights
+from .pipelines import PIPELINES
+from .rank import ALLOCATORS, AllocationInput, AllocatorSpec, allocate, rank_for_ratio, saves_params
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +65,77 @@ def _check_finite_weights(modules: dict[str, nn.Module]) -> None:
             raise RankcutError(f"non-finite values in the weight of {name}")
 
 
+def _allocation_needs(allocator: AllocatorSpec, model: nn.Module, calibration) -> frozenset[str]:
+    """Statistics the allocator needs: a Gram for whitened spectra, output Fisher for scores."""
+    if calibration is None or not allocator.needs:
+        return frozenset()
+    needs = {"gram"}
+    can_generate = getattr(model, "can_generate", None)
+    if allocator.name == "global" and callable(can_generate) and can_generate():
+        needs.add("fisher_out")
+    return frozenset(needs)
+
+
+def _allocation_input(
+    model, modules, shapes, stats, allocator, spec, config, calibration, progress
+):
+    """Spectra (whitened when a Gram is known), loss-weighted scores and loss tables."""
+    inp = AllocationInput(
+        shapes=shapes,
+        ratio=config.ratio,
+        min_rank_fraction=config.min_rank_fraction,
+        options=dict(config.allocation_options),
+    )
+    if not allocator.needs:
+        return inp
+    spectra, scores = {}, {}
+    for name, module in tqdm(modules.items(), desc="spectra", disable=not progress, leave=False):
+        weight = dense_weight(module).detach().to(torch.float64)
+        st = stats.get(name)
+        inputs = st.inputs if st is not None else None
+        if inputs is not None and inputs.gram is not None:
+            chol = inputs.cache.get("chol")
+            if chol is None:
+                chol = psd_cholesky(inputs.gram, name=name)
+                inputs.cache["chol"] = chol
+            weight = weight @ chol
+        if st is not None and st.fisher_out is not None:
+            u, s, _ = torch.linalg.svd(weight, full_matrices=False)
+            # Output error of dropping direction i is s_i^2 along u_i; weigh it by the
+            # loss's (diagonal) Fisher in output space.
+            scores[name] = s**2 * (u**2 * st.fisher_out[:, None]).sum(0)
+            spectra[name] = s
+        else:
+            spectra[name] = torch.linalg.svdvals(weight)
+    inp.spectra = spectra
+    inp.component_scores = scores or None
+    if "loss_table" in allocator.needs:
+        inp.loss_table = _measure_loss_table(
+            model, modules, stats, spec, config, calibration, progress
+        )
+    return inp
+
+
+def _measure_loss_table(model, modules, stats, spec, config, calibration, progress):
+    if calibration is None:
+        raise RankcutError("the sensitivity allocation needs calibration data")
+    opts = config.allocation_options
+    candidates = [float(c) for c in opts.get("candidates", (0.2, 0.4, 0.6, 0.8))]
+    samples = int(opts.get("samples", 4))
+    seq = int(opts.get("seq_len", 256))
+    windows = calibration[:samples, :seq]
+
+    def truncate(name, weight, ratio):
+        m, n = weight.shape
+        rank = rank_for_ratio(m, n, ratio)
+        if rank == 0:
+            return None
+        up, down = spec.factorize(weight, stats[name], rank, config, name)
+        return up @ down
+
+    return loss_table(model, modules, windows, truncate, candidates, progress=progress)
+
+
 def compress(
     model: nn.Module,
     config: MethodConfig,
@@ -76,8 +150,8 @@ def compress(
             repeated blocks hold dense linears. Stays on its device; statistics and
             SVDs run there.
         config: a method config, e.g. ``SvdLlmConfig(ratio=0.2)``.
-        calibration: ``(samples, seq_len)`` token ids for methods that need data
-            (``asvd``, ``svd-llm``, ``fwsvd``); ignored by ``svd``.
+        calibration: ``(samples, seq_len)`` token ids for methods, allocators or
+            pipelines that need data; ``svd`` with uniform ranks needs none.
         progress: show progress bars.
 
     Returns:
@@ -96,40 +170,52 @@ def compress(
         14
     """
     spec = spec_for_config(config)
+    allocator = ALLOCATORS[config.allocation]
     start = time.perf_counter()
     before = param_summary(model)
     modules = find_targets(model, config.targets, config.exclude)
     _check_finite_weights(modules)
+    tied = set(shared_weights(model, modules))
+    if tied:
+        logger.warning("tied weights stay dense (factorizing would untie them): %s", sorted(tied))
+    modules = {n: m for n, m in modules.items() if n not in tied}
     shapes = {name: dense_shape(m) for name, m in modules.items()}
-    ranks = allocate(config.allocation, shapes, config.ratio)
+
+    # Statistics: one whole-model pass serves both the allocation and, for the whole
+    # pipeline, the factorization; the sequential pipeline gathers its own per block.
+    alloc_needs = _allocation_needs(allocator, model, calibration)
+    if "loss_table" in allocator.needs:
+        alloc_needs |= spec.needs
+    method_needs = spec.needs if config.pipeline == "whole" else frozenset()
+    stats = (
+        collect_layer_stats(model, modules, calibration, alloc_needs | method_needs, progress)
+        if modules
+        else {}
+    )
+    inp = _allocation_input(
+        model, modules, shapes, stats, allocator, spec, config, calibration, progress
+    )
+    ranks = allocate(config.allocation, inp) if modules else {}
     for name in ranks:
         override = _pattern_rank(name, config.rank_pattern)
         if override is not None:
             ranks[name] = min(override, *shapes[name])
-    tied = set(shared_weights(model, modules))
-    if tied:
-        logger.warning("tied weights stay dense (factorizing would untie them): %s", sorted(tied))
-    kept = sorted(n for n, r in ranks.items() if n in tied or not saves_params(*shapes[n], r))
+    kept = sorted(tied | {n for n, r in ranks.items() if not saves_params(*shapes[n], r)})
     todo = {n: m for n, m in modules.items() if n not in kept}
-    if kept:
-        logger.info("%d matrices stay dense (factorizing would not save parameters)", len(kept))
+    if config.pipeline != "whole":
+        stats = None  # free the allocation statistics before the per-block passes
+    else:
+        stats = {n: stats[n] for n in todo} if todo else {}
+    if todo:
+        PIPELINES[config.pipeline](
+            model, todo, ranks, spec, config, calibration, stats=stats, progress=progress
+        )
 
-    stats = collect_layer_stats(model, todo, calibration, spec.needs, progress=progress)
-    targeted_before = sum(m * n for m, n in shapes.values())
-    for name, module in tqdm(todo.items(), desc=f"{spec.name}", disable=not progress, leave=False):
-        weight = dense_weight(module).detach()
-        with torch.no_grad():
-            up, down = spec.factorize(
-                weight.to(torch.float64), stats[name], ranks[name], config, name
-            )
-        if not (bool(torch.isfinite(up).all()) and bool(torch.isfinite(down).all())):
-            raise RankcutError(f"{spec.name} produced non-finite factors for {name}")
-        bias = module.bias.detach() if module.bias is not None else None
-        layer = LowRankLinear.from_factors(up, down, bias, dtype=weight.dtype)
-        replace_module(model, name, layer.to(weight.device))
-        stats[name] = None  # release statistics as soon as they are used
     after = param_summary(model)
     final_ranks = {n: ranks[n] for n in todo}
+    targeted_before = sum(m * n for m, n in shapes.values()) + sum(
+        m * n for m, n in (dense_shape(model.get_submodule(t)) for t in tied)
+    )
     targeted_after = targeted_before - sum(
         m * n - final_ranks[name] * (m + n) for name, (m, n) in shapes.items() if name in todo
     )

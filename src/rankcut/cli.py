@@ -30,7 +30,20 @@ COMPRESS_DEFAULTS = {
     "targets": None,
     "exclude": [],
     "option": {},
+    "allocation": "uniform",
+    "pipeline": "whole",
+    "refit": True,
+    "min_rank_fraction": 0.25,
+    "recover": 0,
+    "recover_lr": 1e-4,
+    "distill": 1.0,
 }
+
+
+def _allocator_names() -> list[str]:
+    from .rank import ALLOCATORS
+
+    return sorted(ALLOCATORS)
 
 
 def _method_names() -> list[str]:
@@ -87,6 +100,40 @@ def build_parser() -> argparse.ArgumentParser:
         help="method config field, e.g. --option alpha=0.5 (repeatable)",
     )
 
+    c.add_argument(
+        "--allocation",
+        choices=_allocator_names(),
+        help="how ranks are spread under the global budget (default uniform)",
+    )
+    c.add_argument(
+        "--pipeline",
+        choices=["whole", "sequential"],
+        help="whole-model statistics, or decoder block by block (default whole)",
+    )
+    c.add_argument(
+        "--no-refit",
+        dest="refit",
+        action="store_const",
+        const=False,
+        help="sequential pipeline: do not refit to the dense outputs",
+    )
+    c.add_argument(
+        "--min-rank-fraction",
+        type=float,
+        help="rank floor of non-uniform allocations, fraction of uniform (0.25)",
+    )
+    c.add_argument(
+        "--recover",
+        type=int,
+        metavar="STEPS",
+        help="recovery fine-tune of the factors for STEPS windows (default 0: off)",
+    )
+    c.add_argument("--recover-lr", type=float, help="recovery learning rate (1e-4)")
+    c.add_argument(
+        "--distill",
+        type=float,
+        help="recovery: share of distillation from the dense model in the loss (1.0; 0 = CE only)",
+    )
     e = sub.add_parser("eval", help="held-out perplexity and parameter counts")
     e.add_argument("model", metavar="MODEL_OR_DIR")
     e.add_argument(
@@ -98,6 +145,29 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seq-len", type=int, default=512, help="window length (512)")
     e.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     e.add_argument("--json", action="store_true", help="print one JSON object")
+
+    f = sub.add_parser("finetune", help="recovery fine-tune of a compressed model's factors")
+    f.add_argument("model", metavar="DIR", help="a rankcut output folder")
+    f.add_argument("--steps", type=int, default=200, help="optimizer steps, one window each (200)")
+    f.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (1e-4)")
+    f.add_argument(
+        "--distill",
+        type=float,
+        default=1.0,
+        help="share of distillation from the source model in the loss (1.0; 0 = CE only)",
+    )
+    f.add_argument("--data", default="shakespeare", help="training text (default shakespeare)")
+    f.add_argument("--seq-len", type=int, default=512, help="window length (512)")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument(
+        "--eval-data",
+        default="shakespeare-heldout",
+        help="held-out text for before/after perplexity ('' to skip)",
+    )
+    f.add_argument("--eval-tokens", type=int, default=4096)
+    f.add_argument("--out", help="output folder (default: replace DIR atomically)")
+    f.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    f.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
 
     sub.add_parser("methods", help="list registered methods")
     return parser
@@ -135,7 +205,9 @@ def _read_recipe(path: str) -> dict:
         raise RankcutError(f"unknown recipe keys in {path}: {', '.join(unknown)}")
     for key, value in data.items():
         expected = RECIPE_TYPES[key]
-        ok = isinstance(value, expected[0]) and not isinstance(value, bool)
+        ok = isinstance(value, expected[0]) and (
+            expected[0] == (bool,) or not isinstance(value, bool)
+        )
         if ok and expected[0] == (list,):
             ok = all(isinstance(v, str) for v in value)
         if not ok and not (value is None and key in ("out", "device", "targets")):
@@ -157,6 +229,13 @@ RECIPE_TYPES = {
     "targets": ((list,), "a list of regex strings"),
     "exclude": ((list,), "a list of regex strings"),
     "option": ((dict,), "an object of KEY: VALUE"),
+    "allocation": ((str,), "a string"),
+    "pipeline": ((str,), "a string"),
+    "refit": ((bool,), "true or false"),
+    "min_rank_fraction": ((int, float), "a number"),
+    "recover": ((int,), "an integer"),
+    "recover_lr": ((int, float), "a number"),
+    "distill": ((int, float), "a number"),
 }
 
 
@@ -175,39 +254,56 @@ def resolve_compress_options(args: argparse.Namespace) -> dict:
     return opts
 
 
+CONFIG_FLAGS = (
+    "ratio",
+    "targets",
+    "exclude",
+    "allocation",
+    "pipeline",
+    "refit",
+    "min_rank_fraction",
+)
+
+
 def cmd_compress(args: argparse.Namespace) -> int:
+    import copy
+
     import torch
 
     from . import api, io
     from .data import calibration_windows, load_text
     from .methods import get_method
+    from .models import resolve
+    from .rank import ALLOCATORS
 
     opts = resolve_compress_options(args)
     spec = get_method(opts["method"])
     _check_options(spec, opts["option"])
-    config = spec.config_cls(
-        ratio=opts["ratio"],
-        targets=opts["targets"],
-        exclude=opts["exclude"] or [],
-        **opts["option"],
-    )
+    fields = {k: opts[k] for k in CONFIG_FLAGS}
+    fields["exclude"] = fields["exclude"] or []
+    config = spec.config_cls(**fields, **opts["option"])
+    recover = opts["recover"]
+    if recover < 0:
+        raise ConfigError(f"--recover must be >= 0, got {recover}")
     out = Path(
         opts["out"] or f"runs/{Path(str(opts['model'])).stem}-{opts['method']}-{opts['ratio']}"
     )
     io.check_output_dir(out, args.overwrite)  # fail before any heavy work
     device = _device(opts["device"])
     torch.manual_seed(opts["seed"])
-    from .models import resolve
-
     resolve(str(opts["model"]))  # a clear error for bad paths/aliases before loading
-    calib = None
-    if spec.needs:
-        text = load_text(str(opts["calib"]))  # validate data before loading the model
+    needs_data = bool(
+        spec.needs or ALLOCATORS[config.allocation].needs or config.pipeline != "whole" or recover
+    )
+    text = load_text(str(opts["calib"])) if needs_data else None  # validate before loading
     tokenizer = io.load_tokenizer(str(opts["model"]))
-    if spec.needs:
+    calib = None
+    if needs_data:
         calib = calibration_windows(text, tokenizer, opts["samples"], opts["seq_len"], opts["seed"])
     model = io.load(str(opts["model"]), device=device)
+    teacher = copy.deepcopy(model) if recover and opts["distill"] > 0 else None
     result = api.compress(model, config, calib, progress=not args.quiet)
+    print(result.summary())
     extra = {
         "source_model": str(opts["model"]),
         "calibration": None
@@ -222,6 +318,20 @@ def cmd_compress(args: argparse.Namespace) -> int:
         "kept_dense": result.kept_dense,
         "compression_seconds": round(result.seconds, 3),
     }
+    if recover:
+        extra["recovery"] = _run_recovery(
+            model,
+            teacher,
+            text,
+            tokenizer,
+            recover,
+            opts["seq_len"],
+            opts["seed"],
+            opts["recover_lr"],
+            opts["distill"],
+            args.quiet,
+        )
+        del teacher
     recipe = {**opts, "out": str(out)}
     io.save(
         result.model,
@@ -231,7 +341,112 @@ def cmd_compress(args: argparse.Namespace) -> int:
         extra=extra,
         files={"recipe.json": json.dumps(recipe, indent=2) + "\n"},
     )
-    print(result.summary())
+    print(f"saved to {out}")
+    return 0
+
+
+def _run_recovery(model, teacher, text, tokenizer, steps, seq_len, seed, lr, distill, quiet):
+    """Fine-tune the factors on fresh calibration-text windows (a different seed)."""
+    from .data import calibration_windows, tokenize
+    from .finetune import RecoveryConfig, recover
+
+    config = RecoveryConfig(steps=steps, lr=lr, distill=distill)
+    available = len(tokenize(text, tokenizer)) // seq_len
+    windows = calibration_windows(text, tokenizer, min(steps, available), seq_len, seed + 1)
+    stats = recover(model, windows, config, teacher=teacher, progress=not quiet)
+    losses = stats["losses"]
+    head = sum(losses[:10]) / len(losses[:10])
+    tail = sum(losses[-10:]) / len(losses[-10:])
+    print(f"recovery: {steps} steps in {stats['seconds']:.0f} s, loss {head:.3f} -> {tail:.3f}")
+    return {
+        "config": stats["config"],
+        "seconds": round(stats["seconds"], 1),
+        "loss_first10": head,
+        "loss_last10": tail,
+        "windows": int(windows.shape[0]),
+    }
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from . import io
+    from .data import load_text
+    from .evaluate import perplexity
+
+    device = _device(args.device)
+    kind, location = io.hf_location(args.model)
+    if kind != "rankcut":
+        raise RankcutError(f"finetune needs a rankcut output folder, got {args.model!r}")
+    out = Path(args.out or args.model)
+    in_place = out.resolve() == Path(location).resolve()
+    if not in_place:
+        io.check_output_dir(out, args.overwrite)
+    text = load_text(args.data)
+    heldout = load_text(args.eval_data) if args.eval_data else None
+    tokenizer = io.load_tokenizer(args.model)
+    model = io.load(args.model, device=device)
+    meta = io.read_meta(location)
+    teacher = None
+    if args.distill > 0:
+        source = meta.get("source_model")
+        if not source:
+            raise RankcutError("no source_model in rankcut.json to distill from (use --distill 0)")
+        teacher = io.load(source, device=device)
+
+    def ppl():
+        return perplexity(
+            model,
+            tokenizer,
+            heldout,
+            tokens=args.eval_tokens,
+            seq_len=args.seq_len,
+            progress=not args.quiet,
+        )["perplexity"]
+
+    before = ppl() if heldout else None
+    recovery = _run_recovery(
+        model,
+        teacher,
+        text,
+        tokenizer,
+        args.steps,
+        args.seq_len,
+        args.seed,
+        args.lr,
+        args.distill,
+        args.quiet,
+    )
+    del teacher
+    after = ppl() if heldout else None
+    if heldout:
+        recovery.update(eval_data=args.eval_data, perplexity_before=before, perplexity_after=after)
+        print(f"held-out perplexity ({args.eval_data}): {before:.3f} -> {after:.3f}")
+    keep = {
+        k: v
+        for k, v in meta.items()
+        if k
+        not in (
+            "layers",
+            "tied",
+            "format",
+            "format_version",
+            "architecture",
+            "dtype",
+            "rankcut_version",
+        )
+    }
+    keep["recovery"] = recovery
+    files = {}
+    recipe = Path(location) / "recipe.json"
+    if recipe.is_file():
+        files["recipe.json"] = recipe.read_text()
+    io.save(
+        model,
+        out,
+        tokenizer=tokenizer,
+        overwrite=True if in_place else args.overwrite,
+        extra=keep,
+        files=files,
+    )
     print(f"saved to {out}")
     return 0
 
@@ -239,7 +454,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
 def _check_options(spec, options: dict) -> None:
     import dataclasses
 
-    names = {f.name for f in dataclasses.fields(spec.config_cls)} - {"ratio", "targets", "exclude"}
+    names = {f.name for f in dataclasses.fields(spec.config_cls)} - set(CONFIG_FLAGS)
     unknown = sorted(set(options) - names)
     if unknown:
         raise ConfigError(
@@ -302,7 +517,12 @@ def _silence_libraries() -> None:
     hf_logging.set_verbosity_error()
 
 
-COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "methods": cmd_methods}
+COMMANDS = {
+    "compress": cmd_compress,
+    "eval": cmd_eval,
+    "finetune": cmd_finetune,
+    "methods": cmd_methods,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,11 @@
 """Calibration: hooks that collect sufficient statistics of layer inputs and gradients."""
 
-from .collect import collect_fisher, collect_input_stats, collect_layer_stats
+from .collect import (
+    collect_fisher,
+    collect_input_stats,
+    collect_layer_stats,
+    input_stats_from_passes,
+)
 from .hooks import HookManager
 from .stats import InputStats, LayerStats
 
@@ -11,4 +16,5 @@ __all__ = [
     "collect_fisher",
     "collect_input_stats",
     "collect_layer_stats",
+    "input_stats_from_passes",
 ]

@@ -7,6 +7,7 @@ detected at run time by tensor identity and share one statistic.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -29,21 +30,20 @@ def _forward(model: nn.Module, ids: Tensor, **kwargs):
 
 
 @torch.no_grad()
-def collect_input_stats(
-    model: nn.Module,
+def input_stats_from_passes(
     modules: dict[str, nn.Module],
-    windows: Tensor,
+    passes: Iterable[Callable[[], object]],
     gram: bool = True,
     abs_mean: bool = False,
-    batch_size: int = 1,
+    total: int | None = None,
     progress: bool = True,
 ) -> dict[str, InputStats]:
-    """Input statistics of each module in ``modules`` over the calibration ``windows``.
+    """Input statistics of ``modules`` while each callable in ``passes`` runs one batch.
 
-    Returns a mapping from module name to its ``InputStats``; modules that share an
-    input map to the same object.
+    The callables may run a whole model or a single decoder block; only the hooks on
+    ``modules`` matter. Modules that receive the very same input tensor share one
+    ``InputStats`` object.
     """
-    device = _model_device(model)
     shared: dict[str, InputStats] = {}
     owner_of: dict[str, str] = {}  # module name -> name of the module whose stats it shares
     seen: list[tuple[Tensor, str]] = []  # inputs of the current batch (kept alive on purpose)
@@ -66,17 +66,13 @@ def collect_input_stats(
 
         return hook
 
-    was_training = model.training
-    model.eval()
     with HookManager() as hooks:
         for name, module in modules.items():
             hooks.forward(module, make_hook(name))
-        batches = windows.split(batch_size)
-        for batch in tqdm(batches, desc="calibrating", disable=not progress, leave=False):
+        for run in tqdm(passes, total=total, desc="calibrating", disable=not progress, leave=False):
             seen.clear()
-            _forward(model, batch.to(device))
+            run()
         seen.clear()
-    model.train(was_training)
     result = {}
     for name in modules:
         key = owner_of.get(name, name)
@@ -85,9 +81,34 @@ def collect_input_stats(
         result[name] = shared[key]
     for name, stats in shared.items():
         stats.check_finite(name)
-    groups = len(shared)
-    logger.info("collected input statistics: %d modules, %d distinct inputs", len(result), groups)
+    logger.debug("input statistics: %d modules, %d distinct inputs", len(result), len(shared))
     return result
+
+
+@torch.no_grad()
+def collect_input_stats(
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    windows: Tensor,
+    gram: bool = True,
+    abs_mean: bool = False,
+    batch_size: int = 1,
+    progress: bool = True,
+) -> dict[str, InputStats]:
+    """Input statistics of each module in ``modules`` over the calibration ``windows``.
+
+    Returns a mapping from module name to its ``InputStats``; modules that share an
+    input map to the same object.
+    """
+    device = _model_device(model)
+    batches = windows.split(batch_size)
+    passes = [lambda b=b: _forward(model, b.to(device)) for b in batches]
+    was_training = model.training
+    model.eval()
+    try:
+        return input_stats_from_passes(modules, passes, gram, abs_mean, len(passes), progress)
+    finally:
+        model.train(was_training)
 
 
 def collect_fisher(
@@ -95,53 +116,90 @@ def collect_fisher(
     modules: dict[str, nn.Module],
     windows: Tensor,
     progress: bool = True,
-) -> dict[str, Tensor]:
-    """Empirical Fisher information of each weight, summed over output rows.
+    weights: bool = True,
+    outputs: bool = False,
+) -> tuple[dict[str, Tensor] | None, dict[str, Tensor] | None]:
+    """Empirical Fisher information from per-sample gradients of the LM loss.
 
-    For every calibration window (one sample at a time, so squares are per-sample) the
-    LM loss is back-propagated and ``grad(W)**2`` is accumulated. The result per module
-    is a vector over *input* channels: ``F_j = sum_samples sum_i (dL/dW_ij)^2``.
+    For every calibration window (one at a time, so squares are per-sample) the loss is
+    back-propagated.
+
+    Returns:
+        ``(fisher_in, fisher_out)``. ``fisher_in[name]`` (when ``weights``) is the weight
+        Fisher summed over output rows, one value per *input* channel:
+        ``F_j = sum_samples sum_i (dL/dW_ij)^2``. ``fisher_out[name]`` (when ``outputs``)
+        is the diagonal Fisher of the module's *output*: ``sum_tokens (dL/dy_i)^2``.
 
     Raises:
         RankcutError: if the model has no language-modeling loss.
     """
     device = _model_device(model)
-    weights = {name: m.weight for name, m in modules.items()}
     flags = {p: p.requires_grad for p in model.parameters()}
     was_training = model.training
     model.eval()  # no dropout: the Fisher of the deployed model
     for p in model.parameters():
         p.requires_grad_(False)
-    for w in weights.values():
-        w.requires_grad_(True)
-    fisher = {
-        name: torch.zeros(dense_shape(m)[1], dtype=torch.float64, device=device)
-        for name, m in modules.items()
-    }
+    for m in modules.values():
+        m.weight.requires_grad_(True)  # a leaf that needs grad keeps the graph alive
+    f_in = (
+        {
+            n: torch.zeros(dense_shape(m)[1], dtype=torch.float64, device=device)
+            for n, m in modules.items()
+        }
+        if weights
+        else None
+    )
+    f_out = (
+        {
+            n: torch.zeros(dense_shape(m)[0], dtype=torch.float64, device=device)
+            for n, m in modules.items()
+        }
+        if outputs
+        else None
+    )
+
+    def out_hook(name):
+        def accumulate(grad):
+            g = grad.detach().reshape(-1, grad.shape[-1]).float()
+            f_out[name] += g.pow(2).sum(0).to(torch.float64)
+
+        def hook(module, args, output):
+            output.register_hook(accumulate)
+
+        return hook
+
     try:
-        for row in tqdm(windows.split(1), desc="fisher", disable=not progress, leave=False):
-            ids = row.to(device)
-            out = _forward(model, ids, labels=ids)
-            if getattr(out, "loss", None) is None:
-                raise RankcutError("fwsvd needs a model with a language-modeling head and loss")
-            out.loss.backward()
-            for name, module in modules.items():
-                grad = module.weight.grad
-                if grad is None:
-                    raise RankcutError(f"no gradient reached {name}")
-                if not isinstance(module, nn.Linear):  # Conv1D stores (in, out)
-                    grad = grad.T
-                fisher[name] += grad.detach().to(torch.float64).pow(2).sum(0)
-                module.weight.grad = None
+        with HookManager() as hooks:
+            if outputs:
+                for name, module in modules.items():
+                    hooks.forward(module, out_hook(name))
+            for row in tqdm(windows.split(1), desc="fisher", disable=not progress, leave=False):
+                ids = row.to(device)
+                out = _forward(model, ids, labels=ids)
+                if getattr(out, "loss", None) is None:
+                    raise RankcutError(
+                        "Fisher statistics need a model with a language-modeling loss"
+                    )
+                out.loss.backward()
+                for name, module in modules.items():
+                    grad = module.weight.grad
+                    if grad is None:
+                        raise RankcutError(f"no gradient reached {name}")
+                    if weights:
+                        if not isinstance(module, nn.Linear):  # Conv1D stores (in, out)
+                            grad = grad.T
+                        f_in[name] += grad.detach().to(torch.float64).pow(2).sum(0)
+                    module.weight.grad = None
     finally:
         for p, flag in flags.items():
             p.requires_grad_(flag)
             p.grad = None
         model.train(was_training)
-    for name, f in fisher.items():
-        if not bool(torch.isfinite(f).all()):
-            raise RankcutError(f"non-finite Fisher information for {name}")
-    return fisher
+    for result in (f_in, f_out):
+        for name, f in (result or {}).items():
+            if not bool(torch.isfinite(f).all()):
+                raise RankcutError(f"non-finite Fisher information for {name}")
+    return f_in, f_out
 
 
 def collect_layer_stats(
@@ -151,7 +209,7 @@ def collect_layer_stats(
     needs: frozenset[str],
     progress: bool = True,
 ) -> dict[str, LayerStats]:
-    """Gather what a method ``needs`` (``gram``, ``abs_mean``, ``fisher``) for each module."""
+    """Gather what is ``needs``-ed (``gram``, ``abs_mean``, ``fisher``, ``fisher_out``) per module."""
     stats = {name: LayerStats() for name in modules}
     if not needs or not modules:
         return stats
@@ -168,7 +226,16 @@ def collect_layer_stats(
         )
         for name, s in inputs.items():
             stats[name].inputs = s
-    if "fisher" in needs:
-        for name, f in collect_fisher(model, modules, windows, progress=progress).items():
-            stats[name].fisher_in = f
+    if "fisher" in needs or "fisher_out" in needs:
+        f_in, f_out = collect_fisher(
+            model,
+            modules,
+            windows,
+            progress=progress,
+            weights="fisher" in needs,
+            outputs="fisher_out" in needs,
+        )
+        for name in modules:
+            stats[name].fisher_in = f_in[name] if f_in else None
+            stats[name].fisher_out = f_out[name] if f_out else None
     return stats

@@ -54,4 +54,5 @@ class LayerStats:
     """Everything a method may use about one target layer."""
 
     inputs: InputStats | None = None
-    fisher_in: Tensor | None = None  # (in,) summed squared gradients per input channel
+    fisher_in: Tensor | None = None  # (in,) summed squared weight gradients per input channel
+    fisher_out: Tensor | None = None  # (out,) summed squared gradients of the layer's output

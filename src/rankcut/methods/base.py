@@ -17,6 +17,8 @@ from torch import Tensor
 from ..calibrate import LayerStats
 from ..errors import ConfigError
 
+PIPELINES = ("whole", "sequential")
+
 
 @dataclass
 class MethodConfig:
@@ -28,7 +30,20 @@ class MethodConfig:
             inside the decoder layers (embeddings and LM head excluded).
         exclude: regexes removing modules from the targets.
         rank_pattern: per-module rank overrides, ``{regex: rank}`` (first match wins).
-        allocation: rank allocator name (see ``rankcut.rank.ALLOCATORS``).
+        allocation: rank allocator name (see ``rankcut.rank.ALLOCATORS``); the budget is
+            global: ``ratio`` of all targeted parameters, not of each matrix.
+        min_rank_fraction: non-uniform allocators never go below this fraction of a
+            matrix's uniform rank.
+        allocation_options: allocator knobs (``beta_min`` for heavy-tail, ``candidates``
+            and ``samples`` for sensitivity).
+        pipeline: ``whole`` (statistics from the dense model in one pass) or
+            ``sequential`` (decoder layer by decoder layer, statistics from the
+            already-compressed prefix).
+        refit: with ``sequential`` (ignored by ``whole``), fit each factorization to the
+            *dense* model's outputs from the compressed inputs (closed-form least squares
+            ``W_ls = W C^T G'^-1``, then the method factorizes ``W_ls``; with ``svd-llm``
+            this is the exact reduced-rank regression). ``False`` only takes the
+            statistics from the compressed prefix.
     """
 
     method: ClassVar[str] = ""
@@ -39,6 +54,10 @@ class MethodConfig:
     exclude: list[str] = field(default_factory=list)
     rank_pattern: dict[str, int] = field(default_factory=dict)
     allocation: str = "uniform"
+    min_rank_fraction: float = 0.25
+    allocation_options: dict[str, Any] = field(default_factory=dict)
+    pipeline: str = "whole"
+    refit: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)):
@@ -59,6 +78,12 @@ class MethodConfig:
         if self.allocation not in ALLOCATORS:
             known = ", ".join(sorted(ALLOCATORS))
             raise ConfigError(f"unknown allocation {self.allocation!r}; known: {known}")
+        if not 0.0 <= self.min_rank_fraction <= 1.0:
+            raise ConfigError(f"min_rank_fraction must be in [0, 1], got {self.min_rank_fraction}")
+        if not isinstance(self.refit, bool):
+            raise ConfigError(f"refit must be true or false, got {self.refit!r}")
+        if self.pipeline not in PIPELINES:
+            raise ConfigError(f"pipeline must be one of {PIPELINES}, got {self.pipeline!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict including the method name and config version."""

@@ -1,5 +1,28 @@
-"""Rank allocators: ``dict[module_name, rank]`` from shapes and a budget."""
+"""Rank allocators: ``dict[module_name, rank]`` from shapes, spectra and a global budget."""
 
-from .uniform import ALLOCATORS, allocate, rank_for_ratio, register_allocator, saves_params
+from .allocators import (
+    ALLOCATORS,
+    AllocationInput,
+    AllocatorSpec,
+    allocate,
+    decay_exponent,
+    elbow_index,
+    register_allocator,
+)
+from .budget import budget, cost, max_saving_rank, rank_for_ratio, saves_params, total_cost
 
-__all__ = ["ALLOCATORS", "allocate", "rank_for_ratio", "register_allocator", "saves_params"]
+__all__ = [
+    "ALLOCATORS",
+    "AllocationInput",
+    "AllocatorSpec",
+    "allocate",
+    "budget",
+    "cost",
+    "decay_exponent",
+    "elbow_index",
+    "max_saving_rank",
+    "rank_for_ratio",
+    "register_allocator",
+    "saves_params",
+    "total_cost",
+]

@@ -1,0 +1,100 @@
+"""Decoder-block-level calibration: capture a block's inputs, replay blocks on them.
+
+Used by the sequential pipeline: the calibration windows run through the embeddings
+once, then each block is replayed on cached hidden states, so only one block's
+activations are alive at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import RankcutError
+from .hooks import HookManager
+
+
+class _Stop(Exception):
+    """Raised by the capture hook to end the forward pass early."""
+
+
+@dataclass
+class BlockInputs:
+    """One batch of a block's inputs: hidden states plus the other call arguments."""
+
+    hidden: Tensor
+    args: tuple
+    kwargs: dict
+
+    def with_hidden(self, hidden: Tensor) -> BlockInputs:
+        return BlockInputs(hidden, self.args, self.kwargs)
+
+
+@torch.no_grad()
+def capture_block_inputs(
+    model: nn.Module, block: nn.Module, windows: Tensor, batch_size: int = 1
+) -> list[BlockInputs]:
+    """Run the model up to ``block`` for every batch and keep what ``block`` receives."""
+    device = next(model.parameters()).device
+    captured: list[BlockInputs] = []
+
+    def hook(module, args, kwargs):
+        hidden, rest = (args[0], args[1:]) if args else (kwargs.pop("hidden_states"), ())
+        captured.append(BlockInputs(hidden, rest, dict(kwargs)))
+        raise _Stop
+
+    was_training = model.training
+    model.eval()
+    with HookManager() as hooks:
+        hooks._handles.append(block.register_forward_pre_hook(hook, with_kwargs=True))
+        for batch in windows.split(batch_size):
+            ids = batch.to(device)
+            try:
+                model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+            except _Stop:
+                continue
+            raise RankcutError("the first decoder block was never called")
+    model.train(was_training)
+    return captured
+
+
+def block_output(output) -> Tensor:
+    """Hidden states from a block's return value (a tensor or a tuple starting with one)."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, inputs: BlockInputs) -> Tensor:
+    return block_output(block(inputs.hidden, *inputs.args, **inputs.kwargs))
+
+
+@torch.no_grad()
+def paired_module_inputs(
+    modules: dict[str, nn.Module],
+    twins: dict[str, nn.Module],
+    run_compressed,
+    run_dense,
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """For one batch: ``{name: (x_compressed, x_dense)}`` as seen by each module and its twin.
+
+    ``modules`` live in the block being compressed, ``twins`` are the same modules in an
+    untouched copy of the block; the two callables run one batch through each.
+    """
+    got_c: dict[str, Tensor] = {}
+    got_d: dict[str, Tensor] = {}
+
+    def keep(store, name):
+        def hook(module, args, output):
+            store[name] = args[0].detach()
+
+        return hook
+
+    with HookManager() as hooks:
+        for name, module in modules.items():
+            hooks.forward(module, keep(got_c, name))
+            hooks.forward(twins[name], keep(got_d, name))
+        run_compressed()
+        run_dense()
+    return {name: (got_c[name], got_d[name]) for name in modules}

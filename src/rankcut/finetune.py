@@ -1,0 +1,159 @@
+"""Recovery fine-tuning: train only the low-rank factors for a bounded number of steps.
+
+The loss mixes next-token cross-entropy on calibration text with knowledge distillation
+from the dense model (KL divergence to its next-token distribution); distillation
+recovers the dense model's behaviour rather than fitting the calibration domain.
+Everything except the factors stays frozen.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .errors import ConfigError, RankcutError
+from .layers import factorized_modules
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RecoveryConfig:
+    """Options of the recovery fine-tune.
+
+    Attributes:
+        steps: optimizer steps (one window per step).
+        lr: peak learning rate of AdamW (cosine decay after a linear warm-up).
+        warmup: warm-up steps.
+        weight_decay: AdamW weight decay.
+        distill: mix of the two losses, ``(1 - distill) * CE + distill * T^2 * KL``: 1 =
+            pure distillation from the teacher (the default: recovers the dense model's
+            behaviour without fitting the calibration domain), 0 = cross-entropy only.
+        temperature: distillation temperature.
+        grad_clip: gradient-norm clipping.
+        checkpointing: gradient checkpointing (less memory, more time).
+    """
+
+    steps: int = 200
+    lr: float = 1e-4
+    warmup: int = 10
+    weight_decay: float = 0.0
+    distill: float = 1.0
+    temperature: float = 1.0
+    grad_clip: float = 1.0
+    checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise ConfigError(f"steps must be a positive integer, got {self.steps!r}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.distill <= 1.0 or self.temperature <= 0:
+            raise ConfigError("distill must be in [0, 1] and temperature > 0")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def trainable_factors(model: nn.Module) -> list[nn.Parameter]:
+    """Freeze everything but the factors of the factorized layers; return those."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = []
+    for _, layer in factorized_modules(model):
+        for p in layer.parameters():
+            p.requires_grad_(True)
+            params.append(p)
+    if not params:
+        raise RankcutError("the model has no factorized layers to fine-tune")
+    return params
+
+
+def _lr_factor(step: int, config: RecoveryConfig) -> float:
+    if step < config.warmup:
+        return (step + 1) / config.warmup
+    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _loss(
+    student_logits: Tensor, ids: Tensor, teacher_logits: Tensor | None, config: RecoveryConfig
+) -> Tensor:
+    logits = student_logits[:, :-1].float()
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    if teacher_logits is None or config.distill == 0:
+        return ce
+    t = config.temperature
+    teacher = F.log_softmax(teacher_logits[:, :-1].float() / t, dim=-1)
+    student = F.log_softmax(logits / t, dim=-1)
+    kl = (teacher.exp() * (teacher - student)).sum(-1).mean()  # per-token KL(teacher || student)
+    return (1 - config.distill) * ce + config.distill * (t * t) * kl
+
+
+def recover(
+    model: nn.Module,
+    windows: Tensor,
+    config: RecoveryConfig | None = None,
+    teacher: nn.Module | None = None,
+    progress: bool = True,
+) -> dict:
+    """Fine-tune the factors of ``model`` in place on ``windows`` (``(n, seq_len)`` token ids).
+
+    Windows are cycled in order; ``teacher`` (the dense model) enables distillation.
+
+    Returns:
+        ``{"losses": [...], "seconds": ..., "config": {...}}``.
+
+    Example:
+        >>> stats = recover(compressed, train_windows, RecoveryConfig(steps=100))  # doctest: +SKIP
+    """
+    config = config or RecoveryConfig()
+    flags = {p: p.requires_grad for p in model.parameters()}
+    params = trainable_factors(model)
+    device = next(model.parameters()).device
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config))
+    if config.checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable()
+    if teacher is not None:
+        teacher.eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+    model.train()
+    losses: list[float] = []
+    start = time.perf_counter()
+    bar = tqdm(range(config.steps), desc="recovery", disable=not progress)
+    try:
+        for step in bar:
+            ids = windows[step % windows.shape[0]][None].to(device)
+            mask = torch.ones_like(ids)
+            teacher_logits = None
+            if teacher is not None and config.distill > 0:
+                with torch.no_grad():
+                    teacher_logits = teacher(input_ids=ids, attention_mask=mask).logits
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            loss = _loss(logits, ids, teacher_logits, config)
+            if not torch.isfinite(loss):
+                raise RankcutError(f"recovery loss became non-finite at step {step}; lower the lr")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            losses.append(float(loss.detach()))
+            bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
+    finally:
+        model.eval()
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+            p.grad = None
+        if config.checkpointing and hasattr(model, "gradient_checkpointing_disable"):
+            model.gradient_checkpointing_disable()
+    return {"losses": losses, "seconds": time.perf_counter() - start, "config": config.to_dict()}

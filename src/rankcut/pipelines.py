@@ -1,0 +1,187 @@
+"""Orchestration: how statistics are gathered and layers replaced.
+
+``whole``: one calibration pass over the dense model, then every target is factorized.
+``sequential``: decoder block by decoder block; each block's statistics come from the
+outputs of the already-compressed blocks before it, and with ``refit`` each matrix is
+fitted to reproduce the *dense* block's outputs from the compressed inputs. Only one
+block's activations (two streams with ``refit``) are held at a time.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .calibrate import InputStats, LayerStats, collect_layer_stats, input_stats_from_passes
+from .calibrate.sequential import capture_block_inputs, paired_module_inputs, run_block
+from .decompose import psd_cholesky
+from .errors import RankcutError
+from .layers import LowRankLinear, dense_weight
+from .methods import MethodConfig, MethodSpec
+from .models import find_decoder_layers, replace_module
+
+logger = logging.getLogger(__name__)
+
+Pipeline = Callable[..., None]
+PIPELINES: dict[str, Pipeline] = {}
+
+
+def register_pipeline(name: str):
+    def wrap(fn: Pipeline) -> Pipeline:
+        PIPELINES[name] = fn
+        return fn
+
+    return wrap
+
+
+def factorize_into(
+    model: nn.Module,
+    name: str,
+    module: nn.Module,
+    weight: Tensor,
+    stats: LayerStats,
+    rank: int,
+    spec: MethodSpec,
+    config: MethodConfig,
+) -> None:
+    """Factorize ``weight`` (float64 ``(out, in)``) with the method; swap in a LowRankLinear."""
+    dtype = dense_weight(module).dtype
+    with torch.no_grad():
+        up, down = spec.factorize(weight, stats, rank, config, name)
+    if not (bool(torch.isfinite(up).all()) and bool(torch.isfinite(down).all())):
+        raise RankcutError(f"{spec.name} produced non-finite factors for {name}")
+    bias = module.bias.detach() if module.bias is not None else None
+    layer = LowRankLinear.from_factors(up, down, bias, dtype=dtype)
+    replace_module(model, name, layer.to(dense_weight(module).device))
+
+
+@register_pipeline("whole")
+def run_whole(model, todo, ranks, spec, config, calibration, stats=None, progress=True):
+    if stats is None:
+        stats = collect_layer_stats(model, todo, calibration, spec.needs, progress=progress)
+    for name, module in tqdm(todo.items(), desc=spec.name, disable=not progress, leave=False):
+        weight = dense_weight(module).detach().to(torch.float64)
+        factorize_into(model, name, module, weight, stats[name], ranks[name], spec, config)
+        stats[name] = None  # release statistics as soon as they are used
+
+
+def _stages(block: nn.Module, modules: dict[str, nn.Module], first) -> list[list[str]]:
+    """Groups of modules sharing one input, in the order the block calls them."""
+    order: list[tuple[str, Tensor]] = []
+
+    def hook_for(name):
+        def hook(module, args, output):
+            order.append((name, args[0]))
+
+        return hook
+
+    from .calibrate import HookManager
+
+    with HookManager() as hooks, torch.no_grad():
+        for name, module in modules.items():
+            hooks.forward(module, hook_for(name))
+        run_block(block, first)
+    stages: list[tuple[Tensor, list[str]]] = []
+    for name, x in order:
+        for seen_x, stage in stages:
+            if seen_x is x:
+                stage.append(name)
+                break
+        else:
+            stages.append((x, [name]))
+    stages = [stage for _, stage in stages]
+    missing = set(modules) - {n for s in stages for n in s}
+    if missing:
+        raise RankcutError(f"modules never called by their block: {sorted(missing)}")
+    return stages
+
+
+def _refit_target(weight: Tensor, gram_c: Tensor, cross: Tensor, name: str) -> Tensor:
+    """``W_ls = W C^T G'^-1``: the map that best reproduces dense outputs from compressed inputs.
+
+    ``G' = X'^T X'`` (compressed inputs), ``C = X'^T X`` (compressed x dense inputs).
+    Minimizes ``||X' W_ls^T - X W^T||_F``; factorizing ``W_ls`` with whitening by ``G'``
+    then solves the rank-constrained problem exactly (reduced-rank regression).
+    """
+    chol = psd_cholesky(gram_c, name=name)
+    rhs = cross.to(torch.float64) @ weight.T  # C W^T, (in, out)
+    return torch.cholesky_solve(rhs, chol).T
+
+
+def _paired_stats(block, twin, block_name, stage, stage_mods, comp, dense, needs_abs):
+    """Gram of the compressed inputs ``X'^T X'`` and cross term ``X'^T X`` for one stage."""
+    first = stage[0]
+    twin_module = twin.get_submodule(first[len(block_name) + 1 :])
+    in_features = dense_weight(stage_mods[first]).shape[1]
+    stats = InputStats(in_features, want_gram=True, want_abs=needs_abs)
+    cross = None
+    for bc, bd in zip(comp, dense, strict=True):
+        pairs = paired_module_inputs(
+            {first: stage_mods[first]},
+            {first: twin_module},
+            lambda bc=bc: run_block(block, bc),
+            lambda bd=bd: run_block(twin, bd),
+        )
+        xc, xd = (x.reshape(-1, in_features).float() for x in pairs[first])
+        stats.update(xc)
+        c = (xc.T @ xd).to(torch.float64)
+        cross = c if cross is None else cross.add_(c)
+    stats.check_finite(first)
+    return {n: stats for n in stage}, cross
+
+
+@register_pipeline("sequential")
+def run_sequential(model, todo, ranks, spec, config, calibration, stats=None, progress=True):
+    if calibration is None:
+        raise RankcutError("the sequential pipeline needs calibration data")
+    blocks = find_decoder_layers(model)
+    if not blocks:
+        raise RankcutError("the sequential pipeline found no decoder blocks in this model")
+    outside = [n for n in todo if not any(n.startswith(b + ".") for b, _ in blocks)]
+    if outside:
+        raise RankcutError(
+            f"the sequential pipeline only handles decoder-block modules: {outside[:3]}"
+        )
+    fisher = {}
+    if "fisher" in spec.needs:  # gradients need the whole model: taken once, from the dense one
+        fisher = collect_layer_stats(model, todo, calibration, frozenset({"fisher"}), progress)
+    needs_gram = "gram" in spec.needs or config.refit
+    needs_abs = "abs_mean" in spec.needs
+    comp = capture_block_inputs(model, blocks[0][1], calibration)
+    dense = list(comp) if config.refit else None
+    for block_name, block in tqdm(blocks, desc=f"{spec.name} (sequential)", disable=not progress):
+        mods = {n: m for n, m in todo.items() if n.startswith(block_name + ".")}
+        twin = copy.deepcopy(block) if config.refit else None
+        if mods:
+            for stage in _stages(block, mods, comp[0]):
+                stage_mods = {n: mods[n] for n in stage}
+                targets: dict[str, Tensor] = {}
+                if config.refit:
+                    inputs, cross = _paired_stats(
+                        block, twin, block_name, stage, stage_mods, comp, dense, needs_abs
+                    )
+                    for n in stage:
+                        w = dense_weight(mods[n]).detach().to(torch.float64)
+                        targets[n] = _refit_target(w, inputs[n].gram, cross, n)
+                else:
+                    passes = [lambda b=b, blk=block: run_block(blk, b) for b in comp]
+                    inputs = input_stats_from_passes(
+                        stage_mods, passes, gram=needs_gram, abs_mean=needs_abs, progress=False
+                    )
+                for n in stage:
+                    layer_stats = LayerStats(inputs=inputs[n])
+                    if n in fisher:
+                        layer_stats.fisher_in = fisher[n].fisher_in
+                    weight = targets.get(n)
+                    if weight is None:
+                        weight = dense_weight(mods[n]).detach().to(torch.float64)
+                    factorize_into(model, n, mods[n], weight, layer_stats, ranks[n], spec, config)
+        comp = [b.with_hidden(run_block(block, b)) for b in comp]
+        if config.refit:
+            dense = [b.with_hidden(run_block(twin, b)) for b in dense]
+        del twin

@@ -1,0 +1,283 @@
+"""Rank allocators: ``AllocationInput -> {module_name: rank}`` (0 = keep dense).
+
+Each allocator meets the global budget (``ratio`` of the targeted parameters removed in
+total) and never gives a module less than its floor (a fraction of its uniform rank):
+removing a matrix almost entirely costs far more than the spectrum suggests.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..errors import ConfigError, RankcutError
+from .budget import (
+    Shape,
+    bisect_to_budget,
+    budget,
+    cost,
+    densify_if_affordable,
+    floors,
+    greedy_fill,
+    max_saving_rank,
+    rank_for_ratio,
+    total_cost,
+)
+
+
+@dataclass
+class AllocationInput:
+    """What allocators may use; which fields must be present is declared per allocator.
+
+    Attributes:
+        shapes: ``(out, in)`` per module.
+        ratio: fraction of the targeted parameters to remove in total.
+        spectra: singular values per module, descending (whitened when a Gram is known).
+        component_scores: estimated loss increase of dropping each singular direction
+            (the ``global`` allocator's score), descending order of the spectrum.
+        loss_table: ``{module: {candidate_ratio: calibration-loss increase}}``.
+        min_rank_fraction: floor per module, as a fraction of its uniform rank.
+        options: allocator-specific knobs.
+    """
+
+    shapes: dict[str, Shape]
+    ratio: float
+    spectra: dict[str, Tensor] | None = None
+    component_scores: dict[str, Tensor] | None = None
+    loss_table: dict[str, dict[float, float]] | None = None
+    min_rank_fraction: float = 0.25
+    options: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AllocatorSpec:
+    name: str
+    fn: Callable[[AllocationInput], dict[str, int]]
+    needs: frozenset[str]  # subset of {"spectra", "component_scores", "loss_table"}
+    summary: str
+
+
+ALLOCATORS: dict[str, AllocatorSpec] = {}
+
+
+def register_allocator(name: str, needs: tuple[str, ...] = (), summary: str = ""):
+    def wrap(fn):
+        ALLOCATORS[name] = AllocatorSpec(name, fn, frozenset(needs), summary)
+        return fn
+
+    return wrap
+
+
+def allocate(name: str, inp: AllocationInput) -> dict[str, int]:
+    """Run the allocator registered as ``name`` after checking its inputs."""
+    if name not in ALLOCATORS:
+        raise ConfigError(f"unknown allocation {name!r}; known: {', '.join(sorted(ALLOCATORS))}")
+    spec = ALLOCATORS[name]
+    for need in spec.needs:
+        if getattr(inp, need) is None:
+            raise RankcutError(f"allocation {name!r} needs {need}")
+    ranks = spec.fn(inp)
+    limit = budget(inp.shapes, inp.ratio)
+    spent = total_cost(inp.shapes, ranks)
+    if spent > limit:
+        raise RankcutError(
+            f"allocation {name!r} cannot meet the budget: {spent:,} > {limit:,} parameters "
+            "(lower min_rank_fraction or the number of matrices kept dense)"
+        )
+    return ranks
+
+
+def _relative_energy(spectra: dict[str, Tensor]) -> dict[str, Tensor]:
+    out = {}
+    for k, s in spectra.items():
+        e = s.to(torch.float64) ** 2
+        out[k] = e / e.sum().clamp_min(1e-300)
+    return out
+
+
+def _finish(inp: AllocationInput, ranks: dict[str, int], scores: dict[str, Tensor] | None):
+    """Spend what is left of the budget by ``scores``, then densify saturated modules."""
+    limit = budget(inp.shapes, inp.ratio)
+    if scores is not None:
+        ranks = greedy_fill(inp.shapes, scores, ranks, limit)
+    return densify_if_affordable(inp.shapes, ranks, limit)
+
+
+@register_allocator("uniform", summary="the same ratio for every matrix")
+def uniform(inp: AllocationInput) -> dict[str, int]:
+    return {k: rank_for_ratio(m, n, inp.ratio) for k, (m, n) in inp.shapes.items()}
+
+
+def _energy_ranks(inp: AllocationInput, keys, tau: float, fl: dict[str, int]) -> dict[str, int]:
+    ranks = {}
+    for k in keys:
+        m, n = inp.shapes[k]
+        cap = max_saving_rank(m, n)
+        e = torch.cumsum(_relative_energy({k: inp.spectra[k]})[k], 0)
+        r = int(torch.searchsorted(e, torch.tensor(tau, dtype=e.dtype) - 1e-12)) + 1
+        ranks[k] = max(fl[k], min(cap, r)) if cap else 0
+    return ranks
+
+
+@register_allocator(
+    "energy",
+    needs=("spectra",),
+    summary="each matrix keeps the same fraction of its (whitened) spectral energy",
+)
+def energy(inp: AllocationInput) -> dict[str, int]:
+    fl = floors(inp.shapes, inp.ratio, inp.min_rank_fraction)
+    limit = budget(inp.shapes, inp.ratio)
+    ranks = bisect_to_budget(
+        lambda tau: _energy_ranks(inp, inp.shapes, tau, fl), inp.shapes, limit, 0.0, 1.0
+    )
+    return _finish(inp, ranks, _relative_energy(inp.spectra))
+
+
+def elbow_index(s: Tensor) -> int:
+    """Elbow of a descending spectrum: the point farthest below the chord from first to last.
+
+    Example:
+        >>> import torch
+        >>> elbow_index(torch.tensor([10.0, 9.0, 1.0, 0.9, 0.8]))
+        2
+    """
+    s = s.to(torch.float64)
+    k = s.numel()
+    if k < 3 or float(s[0] - s[-1]) <= 0:
+        return k
+    x = torch.linspace(0, 1, k, dtype=torch.float64)
+    y = (s - s[-1]) / (s[0] - s[-1])
+    return int(torch.argmax(1 - x - y)) or 1
+
+
+@register_allocator(
+    "elbow",
+    needs=("spectra",),
+    summary="ranks proportional to the elbow of each (whitened) spectrum, scaled to the budget",
+)
+def elbow(inp: AllocationInput) -> dict[str, int]:
+    fl = floors(inp.shapes, inp.ratio, inp.min_rank_fraction)
+    limit = budget(inp.shapes, inp.ratio)
+    elbows = {k: elbow_index(inp.spectra[k]) for k in inp.shapes}
+
+    def at(alpha: float) -> dict[str, int]:
+        out = {}
+        for k, (m, n) in inp.shapes.items():
+            cap = max_saving_rank(m, n)
+            out[k] = max(fl[k], min(cap, round(alpha * elbows[k]))) if cap else 0
+        return out
+
+    hi = max(max_saving_rank(m, n) / max(elbows[k], 1) for k, (m, n) in inp.shapes.items())
+    ranks = bisect_to_budget(at, inp.shapes, limit, 0.0, max(hi, 1.0))
+    return _finish(inp, ranks, _relative_energy(inp.spectra))
+
+
+def decay_exponent(s: Tensor) -> float:
+    """Power-law decay ``s_i ~ i^-beta`` fitted on the top half of a spectrum (log-log LS).
+
+    A flat spectrum gives 0 (no low-rank structure); heavy-tailed, fast-decaying
+    spectra give large ``beta``.
+    """
+    s = s.to(torch.float64)
+    s = s[s > s[0] * 1e-12]
+    half = max(2, s.numel() // 2)
+    y = torch.log(s[:half])
+    x = torch.log(torch.arange(1, half + 1, dtype=torch.float64))
+    x = x - x.mean()
+    return float(-(x * (y - y.mean())).sum() / (x * x).sum().clamp_min(1e-300))
+
+
+@register_allocator(
+    "heavy-tail",
+    needs=("spectra",),
+    summary="WeLore-style: matrices without a decaying spectrum stay dense, the rest share the cut",
+)
+def heavy_tail(inp: AllocationInput) -> dict[str, int]:
+    beta_min = float(inp.options.get("beta_min", 0.1))
+    betas = {k: decay_exponent(inp.spectra[k]) for k in inp.shapes}
+    limit = budget(inp.shapes, inp.ratio)
+    fl = floors(inp.shapes, inp.ratio, inp.min_rank_fraction)
+    low_rank = [k for k in inp.shapes if betas[k] >= beta_min and max_saving_rank(*inp.shapes[k])]
+    dense = {k: 0 for k in inp.shapes if k not in low_rank}
+    lrc_floor = {k: 1 for k in low_rank}
+    if total_cost(inp.shapes, {**dense, **lrc_floor}) > limit:
+        raise RankcutError(
+            f"heavy-tail: {len(dense)} matrices without low-rank structure (beta < {beta_min}) "
+            "cost more than the budget; lower beta_min or the ratio"
+        )
+
+    def at(tau: float) -> dict[str, int]:
+        return {**dense, **_energy_ranks(inp, low_rank, tau, fl)}
+
+    ranks = bisect_to_budget(at, inp.shapes, limit, 0.0, 1.0)
+    if total_cost(inp.shapes, ranks) > limit:  # floors too high for the dense share: drop them
+        ranks = bisect_to_budget(
+            lambda tau: {**dense, **_energy_ranks(inp, low_rank, tau, lrc_floor)},
+            inp.shapes,
+            limit,
+            0.0,
+            1.0,
+        )
+    scores = {k: v for k, v in _relative_energy(inp.spectra).items() if k in low_rank}
+    return _finish(inp, ranks, scores)
+
+
+@register_allocator(
+    "global",
+    needs=("spectra",),
+    summary="drop the directions with the least loss increase per parameter across all matrices",
+)
+def global_(inp: AllocationInput) -> dict[str, int]:
+    """Greedy over all singular directions of all matrices.
+
+    In whitened coordinates dropping direction ``i`` adds ``s_i^2`` to the layer's output
+    error; ``component_scores`` weights it by the loss's sensitivity to that output
+    direction (``u_i^T diag(F_out) u_i``, the output Fisher), so layers that matter more
+    to the loss keep more. The cheapest directions per parameter ``(m + n)`` go first;
+    ranks never go below the floor.
+    """
+    scores = inp.component_scores
+    if scores is None:
+        scores = {k: s.to(torch.float64) ** 2 for k, s in inp.spectra.items()}
+    fl = floors(inp.shapes, inp.ratio, inp.min_rank_fraction)
+    return _finish(inp, fl, scores)
+
+
+@register_allocator(
+    "sensitivity",
+    needs=("loss_table",),
+    summary="ASVD-style search over measured calibration-loss increases per matrix and ratio",
+)
+def sensitivity(inp: AllocationInput) -> dict[str, int]:
+    """Pick one candidate ratio per matrix minimizing total loss increase within the budget.
+
+    Lagrangian relaxation: for a price ``lam`` per parameter each matrix takes the
+    candidate minimizing ``loss(c) + lam * cost(c)``; ``lam`` is bisected (on a log
+    scale) to the cheapest price that fits. Leftover budget goes to (whitened) energy.
+    """
+    table = inp.loss_table
+    limit = budget(inp.shapes, inp.ratio)
+    fl = floors(inp.shapes, inp.ratio, inp.min_rank_fraction)
+
+    def ranks_for(c: float, k: str) -> int:
+        m, n = inp.shapes[k]
+        return 0 if c <= 0 else max(fl[k], rank_for_ratio(m, n, c))
+
+    def at(log_inv_lam: float) -> dict[str, int]:
+        lam = math.exp(-log_inv_lam)
+        out = {}
+        for k in inp.shapes:
+            options = {c: ranks_for(c, k) for c in table[k]}
+            out[k] = min(
+                options.items(),
+                key=lambda item, k=k: table[k][item[0]] + lam * cost(inp.shapes[k], item[1]),
+            )[1]
+        return out
+
+    ranks = bisect_to_budget(at, inp.shapes, limit, -60.0, 60.0)
+    scores = _relative_energy(inp.spectra) if inp.spectra is not None else None
+    return _finish(inp, ranks, scores)
