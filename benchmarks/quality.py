@@ -1,8 +1,14 @@
 """Quality at a budget: method x ratio -> held-out perplexity, parameters, compression time.
 
 Usage:
-    .venv/bin/python benchmarks/quality.py [--model smollm2-135m] [--methods svd asvd svd-llm fwsvd]
-        [--ratios 0.2 0.4] [--samples 32] [--seq-len 512] [--tokens 8192] [--data shakespeare-heldout]
+    .venv/bin/python benchmarks/quality.py [--model smollm2-135m]
+        [--recipes svd asvd svd-llm fwsvd svd-llm:global:sequential ...]
+        [--ratios 0.2 0.4] [--samples 32] [--seq-len 512] [--tokens 8192]
+        [--data shakespeare-heldout [more texts ...]] [--recover STEPS] [--name quality]
+
+A recipe is ``METHOD[:ALLOCATION[:PIPELINE]]`` (defaults ``uniform`` and ``whole``).
+``--recover STEPS`` adds a row per ratio: the last recipe followed by a recovery
+fine-tune (distillation from the dense model) of STEPS windows.
 
 Prints a Markdown table and writes it to benchmarks/results/quality.md (plus quality.json).
 Calibration (``--calib``) and evaluation (``--data``) text never overlap.
@@ -31,7 +37,9 @@ RESULTS = Path(__file__).parent / "results"
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--methods", nargs="+", default=["svd", "asvd", "svd-llm", "fwsvd"])
+    parser.add_argument("--recipes", nargs="+", default=["svd", "asvd", "svd-llm", "fwsvd"])
+    parser.add_argument("--recover", type=int, default=0, help="recovery steps (0 = no row)")
+    parser.add_argument("--recover-lr", type=float, default=1e-4)
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.4])
     parser.add_argument("--calib", default="shakespeare")
     parser.add_argument("--samples", type=int, default=32)
@@ -74,24 +82,55 @@ def main() -> None:
         }
     )
     print(f"dense: ppl {base}", flush=True)
-    for method in args.methods:
+
+    def parse(recipe: str) -> tuple[str, str, str]:
+        parts = recipe.split(":") + ["uniform", "whole"][len(recipe.split(":")) - 1 :]
+        return parts[0], parts[1], parts[2]
+
+    for recipe in args.recipes:
+        method, allocation, pipeline = parse(recipe)
         for ratio in args.ratios:
             model = copy.deepcopy(dense)
-            config = METHODS[method].config_cls(ratio=ratio)
+            config = METHODS[method].config_cls(
+                ratio=ratio, allocation=allocation, pipeline=pipeline
+            )
             start = time.perf_counter()
             result = rankcut.compress(model, config, calib)
             seconds = time.perf_counter() - start
             ppl = evaluate(model)
-            rows.append(
-                {
-                    "method": method,
-                    "ratio": ratio,
-                    "perplexity": ppl,
-                    "params": result.params["model_after"],
-                    "seconds": seconds,
-                }
-            )
-            print(f"{method} @ {ratio}: ppl {ppl}, {seconds:.0f} s", flush=True)
+            row = {
+                "method": method,
+                "allocation": allocation,
+                "pipeline": pipeline,
+                "ratio": ratio,
+                "perplexity": ppl,
+                "params": result.params["model_after"],
+                "seconds": seconds,
+            }
+            rows.append(row)
+            print(f"{recipe} @ {ratio}: ppl {ppl}, {seconds:.0f} s", flush=True)
+            if args.recover and recipe == args.recipes[-1]:
+                from rankcut.finetune import RecoveryConfig, recover
+
+                train = calibration_windows(
+                    load_text(args.calib), tok, args.recover, args.seq_len, args.seed + 1
+                )
+                stats = recover(
+                    model,
+                    train,
+                    RecoveryConfig(steps=args.recover, lr=args.recover_lr),
+                    teacher=dense,
+                )
+                ppl = evaluate(model)
+                rows.append(
+                    {
+                        **row,
+                        "pipeline": f"{pipeline} + recover {args.recover}",
+                        "perplexity": ppl,
+                        "seconds": seconds + stats["seconds"],
+                    }
+                )
+                print(f"  + recovery ({stats['seconds']:.0f} s): ppl {ppl}", flush=True)
             del model
 
     lines = [
@@ -100,24 +139,25 @@ def main() -> None:
         f"Model `{args.model}`; calibration `{args.calib}` ({args.samples} x {args.seq_len} "
         f"tokens, seed {args.seed}); evaluation `{args.data}` (first {args.tokens} tokens, "
         f"windows of {args.seq_len}, protocol in README). Ratio = fraction of the targeted "
-        "(decoder-layer linear) parameters removed; params = whole model. Uniform ranks, "
-        "whole-model pipeline.",
+        "(decoder-layer linear) parameters removed, in total; params = whole model. "
+        "Compress time includes calibration (and recovery where listed).",
         "",
         f"Measured {datetime.now(timezone.utc):%Y-%m-%d} on {platform.machine()} CPU "
         f"({torch.get_num_threads()} threads), torch {torch.__version__}, "
         f"rankcut {rankcut.__version__}.",
         "",
-        "| method | ratio | "
+        "| method | allocation | pipeline | ratio | "
         + " | ".join(f"ppl `{n}` (x dense)" for n in args.data)
         + " | params | compress time (s) |",
-        "|---|---|" + "---|" * len(args.data) + "---|---|",
+        "|---|---|---|---|" + "---|" * len(args.data) + "---|---|",
     ]
     for r in rows:
         cells = " | ".join(
             f"{r['perplexity'][n]:.2f} ({r['perplexity'][n] / base[n]:.2f}x)" for n in args.data
         )
         lines.append(
-            f"| {r['method']} | {r['ratio']:.1f} | {cells} | {r['params']:,} | {r['seconds']:.1f} |"
+            f"| {r['method']} | {r['allocation']} | {r['pipeline']} | {r['ratio']:.1f} | "
+            f"{cells} | {r['params']:,} | {r['seconds']:.1f} |"
         )
     table = "\n".join(lines)
     print(table)

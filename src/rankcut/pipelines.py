@@ -17,8 +17,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .calibrate import InputStats, LayerStats, collect_layer_stats, input_stats_from_passes
-from .calibrate.sequential import capture_block_inputs, paired_module_inputs, run_block
+from .calibrate import InputStats, LayerStats, collect_layer_stats
+from .calibrate.sequential import capture_block_inputs, module_input, run_block
 from .decompose import psd_cholesky
 from .errors import RankcutError
 from .layers import LowRankLinear, dense_weight
@@ -113,24 +113,27 @@ def _refit_target(weight: Tensor, gram_c: Tensor, cross: Tensor, name: str) -> T
     return torch.cholesky_solve(rhs, chol).T
 
 
-def _paired_stats(block, twin, block_name, stage, stage_mods, comp, dense, needs_abs):
-    """Gram of the compressed inputs ``X'^T X'`` and cross term ``X'^T X`` for one stage."""
+def _stage_stats(block, twin, block_name, stage, stage_mods, comp, dense, needs_gram, needs_abs):
+    """Statistics of one stage's shared input, each pass stopped at that input.
+
+    Returns ``({name: InputStats of X'}, C)`` where ``X'`` are the compressed-stream
+    inputs and, when ``twin`` is given, ``C = X'^T X`` pairs them with the dense stream.
+    """
     first = stage[0]
-    twin_module = twin.get_submodule(first[len(block_name) + 1 :])
-    in_features = dense_weight(stage_mods[first]).shape[1]
-    stats = InputStats(in_features, want_gram=True, want_abs=needs_abs)
+    module = stage_mods[first]
+    in_features = dense_weight(module).shape[1]
+    stats = InputStats(in_features, want_gram=needs_gram, want_abs=needs_abs)
+    twin_module = twin.get_submodule(first[len(block_name) + 1 :]) if twin is not None else None
     cross = None
-    for bc, bd in zip(comp, dense, strict=True):
-        pairs = paired_module_inputs(
-            {first: stage_mods[first]},
-            {first: twin_module},
-            lambda bc=bc: run_block(block, bc),
-            lambda bd=bd: run_block(twin, bd),
-        )
-        xc, xd = (x.reshape(-1, in_features).float() for x in pairs[first])
+    for i, bc in enumerate(comp):
+        xc = module_input(lambda bc=bc: run_block(block, bc), module)
+        xc = xc.reshape(-1, in_features).float()
         stats.update(xc)
-        c = (xc.T @ xd).to(torch.float64)
-        cross = c if cross is None else cross.add_(c)
+        if twin_module is not None:
+            bd = dense[i]
+            xd = module_input(lambda bd=bd: run_block(twin, bd), twin_module)
+            c = (xc.T @ xd.reshape(-1, in_features).float()).to(torch.float64)
+            cross = c if cross is None else cross.add_(c)
     stats.check_finite(first)
     return {n: stats for n in stage}, cross
 
@@ -152,7 +155,7 @@ def run_sequential(model, todo, ranks, spec, config, calibration, stats=None, pr
         fisher = collect_layer_stats(model, todo, calibration, frozenset({"fisher"}), progress)
     needs_gram = "gram" in spec.needs or config.refit
     needs_abs = "abs_mean" in spec.needs
-    comp = capture_block_inputs(model, blocks[0][1], calibration)
+    comp = capture_block_inputs(model, blocks[0][1], calibration, batch_size=4)
     dense = list(comp) if config.refit else None
     for block_name, block in tqdm(blocks, desc=f"{spec.name} (sequential)", disable=not progress):
         mods = {n: m for n, m in todo.items() if n.startswith(block_name + ".")}
@@ -161,18 +164,13 @@ def run_sequential(model, todo, ranks, spec, config, calibration, stats=None, pr
             for stage in _stages(block, mods, comp[0]):
                 stage_mods = {n: mods[n] for n in stage}
                 targets: dict[str, Tensor] = {}
+                inputs, cross = _stage_stats(
+                    block, twin, block_name, stage, stage_mods, comp, dense, needs_gram, needs_abs
+                )
                 if config.refit:
-                    inputs, cross = _paired_stats(
-                        block, twin, block_name, stage, stage_mods, comp, dense, needs_abs
-                    )
                     for n in stage:
                         w = dense_weight(mods[n]).detach().to(torch.float64)
                         targets[n] = _refit_target(w, inputs[n].gram, cross, n)
-                else:
-                    passes = [lambda b=b, blk=block: run_block(blk, b) for b in comp]
-                    inputs = input_stats_from_passes(
-                        stage_mods, passes, gram=needs_gram, abs_mean=needs_abs, progress=False
-                    )
                 for n in stage:
                     layer_stats = LayerStats(inputs=inputs[n])
                     if n in fisher:

@@ -71,30 +71,21 @@ def run_block(block: nn.Module, inputs: BlockInputs) -> Tensor:
 
 
 @torch.no_grad()
-def paired_module_inputs(
-    modules: dict[str, nn.Module],
-    twins: dict[str, nn.Module],
-    run_compressed,
-    run_dense,
-) -> dict[str, tuple[Tensor, Tensor]]:
-    """For one batch: ``{name: (x_compressed, x_dense)}`` as seen by each module and its twin.
+def module_input(run, module: nn.Module) -> Tensor:
+    """The input ``module`` receives while ``run()`` executes; the pass stops right there."""
+    got: list[Tensor] = []
 
-    ``modules`` live in the block being compressed, ``twins`` are the same modules in an
-    untouched copy of the block; the two callables run one batch through each.
-    """
-    got_c: dict[str, Tensor] = {}
-    got_d: dict[str, Tensor] = {}
+    def hook(mod, args):
+        got.append(args[0].detach())
+        raise _Stop
 
-    def keep(store, name):
-        def hook(module, args, output):
-            store[name] = args[0].detach()
-
-        return hook
-
-    with HookManager() as hooks:
-        for name, module in modules.items():
-            hooks.forward(module, keep(got_c, name))
-            hooks.forward(twins[name], keep(got_d, name))
-        run_compressed()
-        run_dense()
-    return {name: (got_c[name], got_d[name]) for name in modules}
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        run()
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    if not got:
+        raise RankcutError(f"{type(module).__name__} was not called by its block")
+    return got[0]

@@ -1,0 +1,103 @@
+"""Perplexity vs ratio (0.1 to 0.5): uniform svd-llm against a better recipe, dense as a line.
+
+Usage:
+    .venv/bin/pip install matplotlib   # or: pip install -e '.[bench]'
+    .venv/bin/python benchmarks/quality_curve.py [--best svd-llm:global:sequential]
+        [--ratios 0.1 0.2 0.3 0.4 0.5] [--data shakespeare-heldout] [--tokens 4096]
+
+Writes benchmarks/results/quality.png and quality_curve.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from pathlib import Path
+
+import torch
+
+import rankcut
+from rankcut.data import calibration_windows, load_text
+from rankcut.evaluate import perplexity
+from rankcut.methods import METHODS
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--baseline", default="svd-llm:uniform:whole")
+    parser.add_argument("--best", default="svd-llm:global:sequential")
+    parser.add_argument("--ratios", nargs="+", type=float, default=[0.1, 0.2, 0.3, 0.4, 0.5])
+    parser.add_argument("--calib", default="shakespeare")
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--data", default="shakespeare-heldout")
+    parser.add_argument("--tokens", type=int, default=4096)
+    args = parser.parse_args()
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    torch.manual_seed(0)
+    tok = rankcut.load_tokenizer(args.model)
+    dense = rankcut.load(args.model)
+    calib = calibration_windows(load_text(args.calib), tok, args.samples, args.seq_len, 0)
+    text = load_text(args.data)
+
+    def ppl(model) -> float:
+        return perplexity(model, tok, text, args.tokens, args.seq_len, progress=False)["perplexity"]
+
+    base = ppl(dense)
+    curves: dict[str, list[float]] = {}
+    for recipe in (args.baseline, args.best):
+        method, allocation, pipeline = recipe.split(":")
+        curves[recipe] = []
+        for ratio in args.ratios:
+            model = copy.deepcopy(dense)
+            config = METHODS[method].config_cls(
+                ratio=ratio, allocation=allocation, pipeline=pipeline
+            )
+            rankcut.compress(model, config, calib, progress=False)
+            curves[recipe].append(ppl(model))
+            print(f"{recipe} @ {ratio}: {curves[recipe][-1]:.2f}", flush=True)
+            del model
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for recipe, values in curves.items():
+        ax.plot(args.ratios, values, marker="o", label=recipe)
+    ax.axhline(base, color="gray", linestyle="--", label=f"dense ({base:.1f})")
+    ax.set_yscale("log")
+    ax.set_xlabel("ratio of targeted parameters removed")
+    ax.set_ylabel(f"perplexity ({args.data})")
+    ax.set_title(f"{args.model}: held-out perplexity vs compression")
+    ax.legend()
+    fig.tight_layout()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    fig.savefig(RESULTS / "quality.png", dpi=100)
+    lines = [
+        "# quality curve",
+        "",
+        f"dense: {base:.2f} on `{args.data}` ({args.tokens} tokens)",
+        "",
+        "| ratio | " + " | ".join(curves) + " |",
+        "|---|" + "---|" * len(curves),
+    ]
+    for i, ratio in enumerate(args.ratios):
+        lines.append(
+            f"| {ratio:.1f} | " + " | ".join(f"{v[i]:.2f}" for v in curves.values()) + " |"
+        )
+    table = "\n".join(lines)
+    print(table)
+    (RESULTS / "quality_curve.md").write_text(table + "\n")
+    (RESULTS / "quality_curve.json").write_text(
+        json.dumps({"args": vars(args), "dense": base, "curves": curves}, indent=2)
+    )
+
+
+if __name__ == "__main__":
+    main()
