@@ -159,6 +159,22 @@ def main() -> None:
             f"| {r['method']} | {r['allocation']} | {r['pipeline']} | {r['ratio']:.1f} | "
             f"{cells} | {r['params']:,} | {r['seconds']:.1f} |"
         )
+    lines += ["", "## Best recipe per ratio (computed from the rows above)", ""]
+    for ratio in args.ratios:
+        for name in args.data:
+            ranked = sorted(
+                (r for r in rows if r["ratio"] == ratio), key=lambda r: r["perplexity"][name]
+            )
+            if len(ranked) < 2:
+                continue
+            best, second = ranked[0], ranked[1]
+            label = "{method}/{allocation}/{pipeline}"
+            lines.append(
+                f"- ratio {ratio:.1f}, `{name}`: best {label.format(**best)} "
+                f"({best['perplexity'][name]:.2f}, {best['perplexity'][name] / base[name]:.2f}x "
+                f"dense); next {label.format(**second)} ({second['perplexity'][name]:.2f}), "
+                f"{1 - best['perplexity'][name] / second['perplexity'][name]:.0%} lower."
+            )
     table = "\n".join(lines)
     print(table)
     RESULTS.mkdir(parents=True, exist_ok=True)

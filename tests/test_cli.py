@@ -443,8 +443,9 @@ def test_malformed_option_is_an_argparse_error(capsys, tmp_path, tiny_llama_dir)
 
 
 def test_bad_option_value(capsys, tmp_path, tiny_llama_dir):
-    code = run(*compress_args(tiny_llama_dir, tmp_path / "out", extra=["--option", "allocation=x"]))
-    assert_user_error(capsys, code, "unknown allocation 'x'")
+    extra = ["--option", "allocation_options=[1]"]
+    code = run(*compress_args(tiny_llama_dir, tmp_path / "out", extra=extra))
+    assert_user_error(capsys, code, "allocation_options")
 
 
 def test_invalid_target_regex(capsys, tmp_path, tiny_llama_dir):
@@ -519,7 +520,7 @@ def test_recipe_with_flag_override(capsys, tmp_path, tiny_llama_dir, calib_file)
                 "calib": str(calib_file),
                 "samples": 4,
                 "seq-len": 32,  # dashes are accepted like the flags
-                "option": {"allocation": "uniform"},
+                "option": {"eps": 1e-5},
             }
         )
     )
@@ -530,7 +531,7 @@ def test_recipe_with_flag_override(capsys, tmp_path, tiny_llama_dir, calib_file)
     assert saved["method"] == "svd-llm"  # the recipe fills the rest
     assert saved["samples"] == 4 and saved["seq_len"] == 32
     assert saved["model"] == str(tiny_llama_dir)
-    assert saved["option"] == {"allocation": "uniform"}
+    assert saved["option"] == {"eps": 1e-5}
     meta = json.loads((out / "rankcut.json").read_text())
     assert meta["method_config"]["method"] == "svd-llm"
     assert meta["method_config"]["ratio"] == RATIO

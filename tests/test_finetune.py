@@ -23,11 +23,15 @@ def windows(n=8, seq=32):
 def test_recovery_lowers_training_loss_and_only_touches_factors():
     model = tiny_llama()
     rankcut.compress(model, rankcut.SvdConfig(ratio=0.5), progress=False)
-    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if ".up." not in n
-              and ".down." not in n}
+    frozen = {
+        n: p.detach().clone()
+        for n, p in model.named_parameters()
+        if ".up." not in n and ".down." not in n
+    }
     x = windows()
-    stats = recover(model, x, RecoveryConfig(steps=40, lr=1e-2, warmup=2, distill=0.0),
-                    progress=False)
+    stats = recover(
+        model, x, RecoveryConfig(steps=40, lr=1e-2, warmup=2, distill=0.0), progress=False
+    )
     losses = stats["losses"]
     assert len(losses) == 40
     # The frozen tiny tied head (std 0.02) caps how confident logits get: ask for 10%.
@@ -51,8 +55,13 @@ def test_distillation_moves_student_towards_teacher():
     rankcut.compress(model, rankcut.SvdConfig(ratio=0.6), progress=False)
     x = windows()
     before = kl_to(teacher, model, x)
-    recover(model, x, RecoveryConfig(steps=30, lr=3e-3, warmup=2, distill=1.0), teacher=teacher,
-            progress=False)
+    recover(
+        model,
+        x,
+        RecoveryConfig(steps=30, lr=3e-3, warmup=2, distill=1.0),
+        teacher=teacher,
+        progress=False,
+    )
     assert kl_to(teacher, model, x) < 0.7 * before
 
 
@@ -77,14 +86,39 @@ def test_recovery_errors():
         recover(tiny_llama(), windows(), RecoveryConfig(steps=1), progress=False)
 
 
-def test_cli_compress_recover_and_finetune(tmp_path, tiny_llama_dir, calib_file, eval_file,
-                                           capsys, monkeypatch):
+def test_cli_compress_recover_and_finetune(
+    tmp_path, tiny_llama_dir, calib_file, eval_file, capsys, monkeypatch
+):
     monkeypatch.setenv("RANKCUT_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "out"
-    code = main(["-q", "compress", "--model", str(tiny_llama_dir), "--method", "svd-llm",
-                 "--ratio", "0.4", "--calib", str(calib_file), "--samples", "4", "--seq-len",
-                 "32", "--out", str(out), "--recover", "6", "--recover-lr", "1e-3",
-                 "--allocation", "global", "--pipeline", "sequential"])
+    code = main(
+        [
+            "-q",
+            "compress",
+            "--model",
+            str(tiny_llama_dir),
+            "--method",
+            "svd-llm",
+            "--ratio",
+            "0.4",
+            "--calib",
+            str(calib_file),
+            "--samples",
+            "4",
+            "--seq-len",
+            "32",
+            "--out",
+            str(out),
+            "--recover",
+            "6",
+            "--recover-lr",
+            "1e-3",
+            "--allocation",
+            "global",
+            "--pipeline",
+            "sequential",
+        ]
+    )
     assert code == 0
     text = capsys.readouterr().out
     assert "recovery: 6 steps" in text
@@ -92,9 +126,25 @@ def test_cli_compress_recover_and_finetune(tmp_path, tiny_llama_dir, calib_file,
     assert meta["recovery"]["config"]["steps"] == 6
     assert meta["method_config"]["allocation"] == "global"
     assert meta["method_config"]["pipeline"] == "sequential"
-    code = main(["-q", "finetune", str(out), "--steps", "4", "--lr", "1e-3", "--data",
-                 str(calib_file), "--seq-len", "32", "--eval-data", str(eval_file),
-                 "--eval-tokens", "128"])
+    code = main(
+        [
+            "-q",
+            "finetune",
+            str(out),
+            "--steps",
+            "4",
+            "--lr",
+            "1e-3",
+            "--data",
+            str(calib_file),
+            "--seq-len",
+            "32",
+            "--eval-data",
+            str(eval_file),
+            "--eval-tokens",
+            "128",
+        ]
+    )
     assert code == 0
     text = capsys.readouterr().out
     assert "held-out perplexity" in text

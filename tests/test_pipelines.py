@@ -40,8 +40,9 @@ def test_sequential_equals_whole_when_prefix_is_exact(arch):
     for n in pa:
         torch.testing.assert_close(pa[n], pb[n], atol=1e-4, rtol=1e-4)
     # With refit the target W C^T G'^-1 equals W when the inputs agree (up to rounding).
-    run_sequential(c, find_targets(c), ranks, spec, SvdLlmConfig(pipeline="sequential"), x,
-                   progress=False)
+    run_sequential(
+        c, find_targets(c), ranks, spec, SvdLlmConfig(pipeline="sequential"), x, progress=False
+    )
     with torch.no_grad():
         torch.testing.assert_close(b(input_ids=x)[0], ref, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(c(input_ids=x)[0], ref, atol=1e-3, rtol=1e-3)
@@ -53,8 +54,9 @@ def test_sequential_equals_whole_on_first_block():
     results = []
     for pipeline in ("whole", "sequential"):
         model = tiny_llama()
-        config = SvdLlmConfig(ratio=0.4, targets=[r"layers\.0\.self_attn\.[qkv]_proj"],
-                              pipeline=pipeline)
+        config = SvdLlmConfig(
+            ratio=0.4, targets=[r"layers\.0\.self_attn\.[qkv]_proj"], pipeline=pipeline
+        )
         rankcut.compress(model, config, x, progress=False)
         results.append(products(model))
     for n in results[0]:
@@ -88,8 +90,9 @@ def test_refit_beats_plain_sequential():
     errors = {}
     for refit in (False, True):
         model = copy.deepcopy(dense)
-        rankcut.compress(model, SvdLlmConfig(ratio=0.4, pipeline="sequential", refit=refit), x,
-                         progress=False)
+        rankcut.compress(
+            model, SvdLlmConfig(ratio=0.4, pipeline="sequential", refit=refit), x, progress=False
+        )
         errors[refit] = final_error(model, dense_logits, x)
     assert errors[True] < errors[False]
 
@@ -108,8 +111,7 @@ def test_sequential_runs_every_method(method):
 def test_allocations_in_compress_meet_budget(allocation):
     x = calib()
     model = tiny_llama()
-    config = SvdLlmConfig(ratio=0.4, allocation=allocation,
-                          allocation_options={"beta_min": 0.0})
+    config = SvdLlmConfig(ratio=0.4, allocation=allocation, allocation_options={"beta_min": 0.0})
     result = rankcut.compress(model, config, x, progress=False)
     p = result.params
     assert p["targeted_after"] <= 0.6 * p["targeted_before"]
@@ -119,8 +121,9 @@ def test_allocations_in_compress_meet_budget(allocation):
 def test_sensitivity_allocation_end_to_end():
     x = calib()
     model = tiny_llama()
-    config = SvdLlmConfig(ratio=0.4, allocation="sensitivity",
-                          allocation_options={"samples": 2, "seq_len": 16})
+    config = SvdLlmConfig(
+        ratio=0.4, allocation="sensitivity", allocation_options={"samples": 2, "seq_len": 16}
+    )
     result = rankcut.compress(model, config, x, progress=False)
     assert result.params["targeted_after"] <= 0.6 * result.params["targeted_before"]
 
@@ -131,5 +134,6 @@ def test_pipeline_validation():
     with pytest.raises(ConfigError, match="refit"):
         SvdLlmConfig(refit="yes")
     with pytest.raises(RankcutError, match="calibration"):
-        rankcut.compress(tiny_llama(), METHODS["svd"].config_cls(pipeline="sequential"), None,
-                         progress=False)
+        rankcut.compress(
+            tiny_llama(), METHODS["svd"].config_cls(pipeline="sequential"), None, progress=False
+        )

@@ -47,7 +47,9 @@ def make_input(ratio, seed=0, flat=(), **kw):
     s = spectra(seed, flat)
     scores = {k: v**2 * (1 + j) for j, (k, v) in enumerate(s.items())}
     table = {k: {c: c * (1 + j) for c in (0.2, 0.4, 0.6, 0.8)} for j, k in enumerate(SHAPES)}
-    return AllocationInput(SHAPES, ratio, spectra=s, component_scores=scores, loss_table=table, **kw)
+    return AllocationInput(
+        SHAPES, ratio, spectra=s, component_scores=scores, loss_table=table, **kw
+    )
 
 
 @pytest.mark.parametrize("name", sorted(ALLOCATORS))
@@ -113,7 +115,9 @@ def test_sensitivity_protects_sensitive_modules():
 
 
 @settings(max_examples=30, deadline=None)
-@given(ratio=st.floats(0.05, 0.9), seed=st.integers(0, 100), name=st.sampled_from(sorted(ALLOCATORS)))
+@given(
+    ratio=st.floats(0.05, 0.9), seed=st.integers(0, 100), name=st.sampled_from(sorted(ALLOCATORS))
+)
 def test_any_budget_is_met(ratio, seed, name):
     ranks = allocate(name, make_input(ratio, seed=seed))
     assert total_cost(SHAPES, ranks) <= budget(SHAPES, ratio)

@@ -78,6 +78,10 @@ class MethodConfig:
         if self.allocation not in ALLOCATORS:
             known = ", ".join(sorted(ALLOCATORS))
             raise ConfigError(f"unknown allocation {self.allocation!r}; known: {known}")
+        if not isinstance(self.allocation_options, dict):
+            raise ConfigError(
+                f"allocation_options must be an object, got {self.allocation_options!r}"
+            )
         if not 0.0 <= self.min_rank_fraction <= 1.0:
             raise ConfigError(f"min_rank_fraction must be in [0, 1], got {self.min_rank_fraction}")
         if not isinstance(self.refit, bool):

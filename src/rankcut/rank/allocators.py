@@ -271,11 +271,11 @@ def sensitivity(inp: AllocationInput) -> dict[str, int]:
         lam = math.exp(-log_inv_lam)
         out = {}
         for k in inp.shapes:
-            options = {c: ranks_for(c, k) for c in table[k]}
-            out[k] = min(
-                options.items(),
-                key=lambda item, k=k: table[k][item[0]] + lam * cost(inp.shapes[k], item[1]),
-            )[1]
+            options = [(table[k][c], ranks_for(c, k)) for c in table[k]]
+            # The floor is always an option, priced pessimistically (twice the worst measured
+            # loss) so that budgets beyond the largest candidate ratio stay reachable.
+            options.append((2 * max(table[k].values()) + 1e-12, fl[k]))
+            out[k] = min(options, key=lambda o, k=k: o[0] + lam * cost(inp.shapes[k], o[1]))[1]
         return out
 
     ranks = bisect_to_budget(at, inp.shapes, limit, -60.0, 60.0)
