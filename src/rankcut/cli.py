@@ -30,7 +30,7 @@ COMPRESS_DEFAULTS = {
     "targets": None,
     "exclude": [],
     "option": {},
-    "allocation": "uniform",
+    "allocation": "global",
     "pipeline": "whole",
     "refit": True,
     "min_rank_fraction": 0.25,
@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--allocation",
         choices=_allocator_names(),
-        help="how ranks are spread under the global budget (default uniform)",
+        help="how ranks are spread under the global budget (default global)",
     )
     c.add_argument(
         "--pipeline",

@@ -53,7 +53,7 @@ class MethodConfig:
     targets: list[str] | None = None
     exclude: list[str] = field(default_factory=list)
     rank_pattern: dict[str, int] = field(default_factory=dict)
-    allocation: str = "uniform"
+    allocation: str = "global"
     min_rank_fraction: float = 0.25
     allocation_options: dict[str, Any] = field(default_factory=dict)
     pipeline: str = "whole"
