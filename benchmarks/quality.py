@@ -40,6 +40,13 @@ def main() -> None:
     parser.add_argument("--recipes", nargs="+", default=["svd", "asvd", "svd-llm", "fwsvd"])
     parser.add_argument("--recover", type=int, default=0, help="recovery steps (0 = no row)")
     parser.add_argument("--recover-lr", type=float, default=1e-4)
+    parser.add_argument(
+        "--recover-ratios",
+        nargs="+",
+        type=float,
+        default=[0.2],
+        help="ratios that get the recovery row",
+    )
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.4])
     parser.add_argument("--calib", default="shakespeare")
     parser.add_argument("--samples", type=int, default=32)
@@ -109,7 +116,7 @@ def main() -> None:
             }
             rows.append(row)
             print(f"{recipe} @ {ratio}: ppl {ppl}, {seconds:.0f} s", flush=True)
-            if args.recover and recipe == args.recipes[-1]:
+            if args.recover and recipe == args.recipes[-1] and ratio in args.recover_ratios:
                 from rankcut.finetune import RecoveryConfig, recover
 
                 train = calibration_windows(
