@@ -20,13 +20,12 @@ class AsvdConfig(MethodConfig):
 
     alpha: float = 0.5
     eps: float = 1e-6
+    positive_fields = ("eps",)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0.0 <= self.alpha <= 2.0:
             raise ConfigError(f"alpha must be in [0, 2], got {self.alpha}")
-        if self.eps <= 0:
-            raise ConfigError(f"eps must be > 0, got {self.eps}")
 
 
 @register_method(

@@ -48,6 +48,8 @@ class MethodConfig:
 
     method: ClassVar[str] = ""
     version: ClassVar[int] = 1
+    #: Method-specific fields that must be strictly positive numbers.
+    positive_fields: ClassVar[tuple[str, ...]] = ()
 
     ratio: float = 0.2
     targets: list[str] | None = None
@@ -84,6 +86,10 @@ class MethodConfig:
             )
         if not 0.0 <= self.min_rank_fraction <= 1.0:
             raise ConfigError(f"min_rank_fraction must be in [0, 1], got {self.min_rank_fraction}")
+        for name in self.positive_fields:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ConfigError(f"{name} must be > 0, got {value!r}")
         if not isinstance(self.refit, bool):
             raise ConfigError(f"refit must be true or false, got {self.refit!r}")
         if self.pipeline not in PIPELINES:

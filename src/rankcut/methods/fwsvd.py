@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import torch
 
 from ..decompose import column_scaled_factors
-from ..errors import ConfigError
 from .base import MethodConfig, register_method
 
 
@@ -29,11 +28,7 @@ class FwsvdConfig(MethodConfig):
     """
 
     eps: float = 1e-6
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.eps <= 0:
-            raise ConfigError(f"eps must be > 0, got {self.eps}")
+    positive_fields = ("eps",)
 
 
 def fisher_scale(fisher_in: torch.Tensor, eps: float) -> torch.Tensor:

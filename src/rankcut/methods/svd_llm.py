@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..decompose import psd_cholesky, whitened_factors
-from ..errors import ConfigError
 from .base import MethodConfig, register_method
 
 
@@ -20,11 +19,7 @@ class SvdLlmConfig(MethodConfig):
     """
 
     eps: float = 1e-6
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.eps <= 0:
-            raise ConfigError(f"eps must be > 0, got {self.eps}")
+    positive_fields = ("eps",)
 
 
 @register_method(
