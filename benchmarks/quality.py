@@ -82,6 +82,8 @@ def main() -> None:
     rows.append(
         {
             "method": "dense",
+            "allocation": "-",
+            "pipeline": "-",
             "ratio": 0.0,
             "perplexity": base,
             "params": dense_params,
