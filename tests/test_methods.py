@@ -226,3 +226,13 @@ def test_non_finite_weight_is_rejected():
         model.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
     with pytest.raises(RankcutError, match="non-finite"):
         rankcut.compress(model, SvdConfig(ratio=0.3), progress=False)
+
+
+def test_cholesky_cache_is_keyed_by_eps():
+    from rankcut.calibrate import InputStats
+
+    stats = InputStats(3)
+    stats.update(torch.tensor([[1.0, 2.0, 3.0], [2.0, 4.0, 6.0]]))  # rank 1: needs repair
+    small, large = stats.cholesky(1e-6), stats.cholesky(1e-1)
+    assert stats.cholesky(1e-6) is small
+    assert not torch.allclose(small, large)

@@ -13,7 +13,6 @@ from tqdm.auto import tqdm
 
 from .calibrate import collect_layer_stats
 from .calibrate.sensitivity import loss_table
-from .decompose import psd_cholesky
 from .errors import RankcutError
 from .evaluate.params import param_summary
 from .layers import dense_shape, dense_weight
@@ -94,11 +93,7 @@ def _allocation_input(
         st = stats.get(name)
         inputs = st.inputs if st is not None else None
         if inputs is not None and inputs.gram is not None:
-            chol = inputs.cache.get("chol")
-            if chol is None:
-                chol = psd_cholesky(inputs.gram, name=name)
-                inputs.cache["chol"] = chol
-            weight = weight @ chol
+            weight = weight @ inputs.cholesky(getattr(config, "eps", 1e-6), name)
         if st is not None and st.fisher_out is not None:
             u, s, _ = torch.linalg.svd(weight, full_matrices=False)
             # Output error of dropping direction i is s_i^2 along u_i; weigh it by the

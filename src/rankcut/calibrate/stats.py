@@ -37,6 +37,16 @@ class InputStats:
             self.abs_sum = a if self.abs_sum is None else self.abs_sum.add_(a)
         self.tokens += x.shape[0]
 
+    def cholesky(self, eps: float = 1e-6, name: str = "") -> Tensor:
+        """Cholesky factor of the Gram matrix, computed once per ``eps`` and shared by
+        every module reading this input (allocation spectra and SVD-LLM factors alike)."""
+        from ..decompose import psd_cholesky
+
+        key = ("chol", eps)
+        if key not in self.cache:
+            self.cache[key] = psd_cholesky(self.gram, eps=eps, name=name)
+        return self.cache[key]
+
     @property
     def abs_mean(self) -> Tensor | None:
         return None if self.abs_sum is None else self.abs_sum / max(self.tokens, 1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..decompose import psd_cholesky, whitened_factors
+from ..decompose import whitened_factors
 from .base import MethodConfig, register_method
 
 
@@ -30,8 +30,5 @@ class SvdLlmConfig(MethodConfig):
 )
 def svd_llm(weight, stats, rank, config, name):
     inputs = stats.inputs
-    chol = inputs.cache.get("chol")
-    if chol is None:  # modules sharing an input share one factorization of their Gram
-        chol = psd_cholesky(inputs.gram.to(weight.device), eps=config.eps, name=name)
-        inputs.cache["chol"] = chol
+    chol = inputs.cholesky(config.eps, name).to(weight.device)
     return whitened_factors(weight, chol, rank)
