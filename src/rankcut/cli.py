@@ -81,8 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--ratio", type=float, help="fraction of targeted parameters removed (0.2)")
     c.add_argument(
         "--calib",
-        help="calibration text: built-in corpus, .txt file or folder, "
-        "hf:NAME[:CONFIG]:SPLIT (default shakespeare)",
+        help="calibration data: built-in corpus, .txt file or folder, hf:NAME[:CONFIG]:SPLIT, "
+        "'generated' (sampled from the model) or a mix A+B (default shakespeare)",
     )
     c.add_argument("--samples", type=int, help="calibration windows (32)")
     c.add_argument("--seq-len", type=int, help="tokens per calibration window (512)")
@@ -271,7 +271,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     import torch
 
     from . import api, io
-    from .data import calibration_windows, load_text
+    from .data.generated import validate_spec, windows_from_spec
     from .methods import get_method
     from .models import resolve
     from .rank import ALLOCATORS
@@ -295,12 +295,22 @@ def cmd_compress(args: argparse.Namespace) -> int:
     needs_data = bool(
         spec.needs or ALLOCATORS[config.allocation].needs or config.pipeline != "whole" or recover
     )
-    text = load_text(str(opts["calib"])) if needs_data else None  # validate before loading
+    calib_spec = str(opts["calib"])
+    if needs_data:
+        validate_spec(calib_spec)  # before loading the model
     tokenizer = io.load_tokenizer(str(opts["model"]))
+    model = io.load(str(opts["model"]), device=device)
     calib = None
     if needs_data:
-        calib = calibration_windows(text, tokenizer, opts["samples"], opts["seq_len"], opts["seed"])
-    model = io.load(str(opts["model"]), device=device)
+        calib = windows_from_spec(
+            calib_spec,
+            tokenizer,
+            opts["samples"],
+            opts["seq_len"],
+            opts["seed"],
+            model=model,
+            progress=not args.quiet,
+        )
     teacher = copy.deepcopy(model) if recover and opts["distill"] > 0 else None
     result = api.compress(model, config, calib, progress=not args.quiet)
     print(result.summary())
@@ -322,7 +332,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
         extra["recovery"] = _run_recovery(
             model,
             teacher,
-            text,
+            calib_spec,
+            calib,
             tokenizer,
             recover,
             opts["seq_len"],
@@ -345,14 +356,29 @@ def cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_recovery(model, teacher, text, tokenizer, steps, seq_len, seed, lr, distill, quiet):
-    """Fine-tune the factors on fresh calibration-text windows (a different seed)."""
-    from .data import calibration_windows, tokenize
+def _run_recovery(model, teacher, spec, calib, tokenizer, steps, seq_len, seed, lr, distill, quiet):
+    """Fine-tune the factors on fresh windows of the calibration text (a different seed).
+
+    Generated data is expensive to make, so with a ``generated`` part the windows are
+    the calibration windows ``calib`` (generated anew from ``teacher`` when not given).
+    """
+    from .data import calibration_windows, load_text, tokenize
+    from .data.generated import GENERATED, windows_from_spec
     from .finetune import RecoveryConfig, recover
 
     config = RecoveryConfig(steps=steps, lr=lr, distill=distill)
-    available = len(tokenize(text, tokenizer)) // seq_len
-    windows = calibration_windows(text, tokenizer, min(steps, available), seq_len, seed + 1)
+    if GENERATED in [p.strip() for p in spec.split("+")]:
+        windows = calib
+        if windows is None:
+            windows = windows_from_spec(
+                spec, tokenizer, 32, seq_len, seed, model=teacher, progress=not quiet
+            )
+    elif "+" in spec:
+        windows = windows_from_spec(spec, tokenizer, steps, seq_len, seed + 1)
+    else:
+        text = load_text(spec)
+        available = len(tokenize(text, tokenizer)) // seq_len
+        windows = calibration_windows(text, tokenizer, min(steps, available), seq_len, seed + 1)
     stats = recover(model, windows, config, teacher=teacher, progress=not quiet)
     losses = stats["losses"]
     head = sum(losses[:10]) / len(losses[:10])
@@ -370,6 +396,7 @@ def _run_recovery(model, teacher, text, tokenizer, steps, seq_len, seed, lr, dis
 def cmd_finetune(args: argparse.Namespace) -> int:
     from . import io
     from .data import load_text
+    from .data.generated import validate_spec
     from .evaluate import perplexity
 
     device = _device(args.device)
@@ -380,7 +407,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     in_place = out.resolve() == Path(location).resolve()
     if not in_place:
         io.check_output_dir(out, args.overwrite)
-    text = load_text(args.data)
+    validate_spec(args.data)
     heldout = load_text(args.eval_data) if args.eval_data else None
     tokenizer = io.load_tokenizer(args.model)
     model = io.load(args.model, device=device)
@@ -406,7 +433,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     recovery = _run_recovery(
         model,
         teacher,
-        text,
+        args.data,
+        None,
         tokenizer,
         args.steps,
         args.seq_len,
