@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 import rankcut
-from rankcut.data import calibration_windows, load_text
+from rankcut.data import load_text
+from rankcut.data.generated import recovery_windows, windows_from_spec
 from rankcut.evaluate import param_summary, perplexity
 from rankcut.methods import METHODS
 
@@ -66,7 +67,7 @@ def main() -> None:
     tok = rankcut.load_tokenizer(args.model)
     dense = rankcut.load(args.model)
     heldout = {name: load_text(name) for name in args.data}
-    calib = calibration_windows(load_text(args.calib), tok, args.samples, args.seq_len, args.seed)
+    calib = windows_from_spec(args.calib, tok, args.samples, args.seq_len, args.seed, model=dense)
 
     def evaluate(model) -> dict[str, float]:
         return {
@@ -121,8 +122,8 @@ def main() -> None:
             if args.recover and recipe == args.recipes[-1] and ratio in args.recover_ratios:
                 from rankcut.finetune import RecoveryConfig, recover
 
-                train = calibration_windows(
-                    load_text(args.calib), tok, args.recover, args.seq_len, args.seed + 1
+                train = recovery_windows(
+                    args.calib, tok, args.recover, args.seq_len, args.seed, calib=calib
                 )
                 stats = recover(
                     model,

@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 import rankcut
-from rankcut.data import calibration_windows, load_text
+from rankcut.data import load_text
+from rankcut.data.generated import windows_from_spec
 from rankcut.evaluate import perplexity
 from rankcut.methods import METHODS
 
@@ -34,7 +35,7 @@ def main() -> None:
     parser.add_argument("--calib", default="shakespeare")
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--data", default="shakespeare-heldout")
+    parser.add_argument("--data", nargs="+", default=["shakespeare-heldout"])
     parser.add_argument("--tokens", type=int, default=4096)
     args = parser.parse_args()
 
@@ -46,14 +47,20 @@ def main() -> None:
     torch.manual_seed(0)
     tok = rankcut.load_tokenizer(args.model)
     dense = rankcut.load(args.model)
-    calib = calibration_windows(load_text(args.calib), tok, args.samples, args.seq_len, 0)
-    text = load_text(args.data)
+    calib = windows_from_spec(args.calib, tok, args.samples, args.seq_len, 0, model=dense)
+    texts = {name: load_text(name) for name in args.data}
 
-    def ppl(model) -> float:
-        return perplexity(model, tok, text, args.tokens, args.seq_len, progress=False)["perplexity"]
+    def ppl(model) -> dict[str, float]:
+        return {
+            name: perplexity(model, tok, text, args.tokens, args.seq_len, progress=False)[
+                "perplexity"
+            ]
+            for name, text in texts.items()
+        }
 
     base = ppl(dense)
-    curves: dict[str, list[float]] = {}
+    curves: dict[str, list[dict[str, float]]] = {}
+    stats_cache: dict = {}  # calibration statistics, gathered once per recipe, not per ratio
     for recipe in (args.baseline, args.best):
         method, allocation, pipeline = recipe.split(":")
         curves[recipe] = []
@@ -62,35 +69,44 @@ def main() -> None:
             config = METHODS[method].config_cls(
                 ratio=ratio, allocation=allocation, pipeline=pipeline
             )
-            rankcut.compress(model, config, calib, progress=False)
+            if recipe not in stats_cache:
+                stats_cache = {recipe: rankcut.collect_statistics(dense, config, calib)}
+            rankcut.compress(model, config, calib, progress=False, stats=stats_cache[recipe])
             curves[recipe].append(ppl(model))
-            print(f"{recipe} @ {ratio}: {curves[recipe][-1]:.2f}", flush=True)
+            print(f"{recipe} @ {ratio}: {curves[recipe][-1]}", flush=True)
             del model
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for recipe, values in curves.items():
-        ax.plot(args.ratios, values, marker="o", label=recipe)
-    ax.axhline(base, color="gray", linestyle="--", label=f"dense ({base:.1f})")
-    ax.set_yscale("log")
-    ax.set_xlabel("ratio of targeted parameters removed")
-    ax.set_ylabel(f"perplexity ({args.data})")
-    ax.set_title(f"{args.model}: held-out perplexity vs compression")
-    ax.legend()
+    fig, axes = plt.subplots(1, len(texts), figsize=(5.5 * len(texts), 4), squeeze=False)
+    for ax, name in zip(axes[0], texts, strict=True):
+        for recipe, values in curves.items():
+            ax.plot(args.ratios, [v[name] for v in values], marker="o", label=recipe)
+        ax.axhline(base[name], color="gray", linestyle="--", label=f"dense ({base[name]:.1f})")
+        ax.set_yscale("log")
+        ax.set_xlabel("ratio of targeted parameters removed")
+        ax.set_ylabel("perplexity")
+        ax.set_title(f"{args.model} on {Path(name).name}")
+        ax.legend()
+    fig.suptitle(f"calibration: {args.calib} ({args.samples} x {args.seq_len} tokens)")
     fig.tight_layout()
     RESULTS.mkdir(parents=True, exist_ok=True)
     fig.savefig(RESULTS / "quality.png", dpi=100)
     lines = [
-        "# quality curve",
+        "# quality curve: perplexity vs ratio",
         "",
-        f"dense: {base:.2f} on `{args.data}` ({args.tokens} tokens)",
+        f"Model `{args.model}`, calibration `{args.calib}` ({args.samples} x {args.seq_len} "
+        f"tokens, seed 0), evaluation: first {args.tokens} tokens of each text. "
+        "Plot: `quality.png`.",
         "",
-        "| ratio | " + " | ".join(curves) + " |",
-        "|---|" + "---|" * len(curves),
+        "| text | ratio | " + " | ".join(curves) + " |",
+        "|---|---|" + "---|" * len(curves),
     ]
-    for i, ratio in enumerate(args.ratios):
+    for name in texts:
         lines.append(
-            f"| {ratio:.1f} | " + " | ".join(f"{v[i]:.2f}" for v in curves.values()) + " |"
+            f"| {name} | 0 (dense) | " + " | ".join(f"{base[name]:.2f}" for _ in curves) + " |"
         )
+        for i, ratio in enumerate(args.ratios):
+            cells = " | ".join(f"{v[i][name]:.2f}" for v in curves.values())
+            lines.append(f"| {name} | {ratio:.1f} | {cells} |")
     table = "\n".join(lines)
     print(table)
     (RESULTS / "quality_curve.md").write_text(table + "\n")

@@ -137,3 +137,20 @@ def test_pipeline_validation():
         rankcut.compress(
             tiny_llama(), METHODS["svd"].config_cls(pipeline="sequential"), None, progress=False
         )
+
+
+def test_reused_statistics_give_the_same_model(windows):
+    """compress(..., stats=collect_statistics(...)) equals gathering them inside compress."""
+    dense = tiny_llama()
+    config = SvdLlmConfig(ratio=0.3, allocation="global")
+    stats = rankcut.collect_statistics(dense, config, windows, progress=False)
+    a, b = copy.deepcopy(dense), copy.deepcopy(dense)
+    ra = rankcut.compress(a, config, windows, progress=False)
+    rb = rankcut.compress(b, config, windows, progress=False, stats=stats)
+    assert ra.ranks == rb.ranks
+    assert all(v is not None for v in stats.values())  # the caller's dict is left whole
+    ids = windows[:2]
+    torch.testing.assert_close(a(ids).logits, b(ids).logits)
+    fewer = {n: s for n, s in stats.items() if "mlp" not in n}
+    with pytest.raises(RankcutError, match="lack"):
+        rankcut.compress(copy.deepcopy(dense), config, windows, progress=False, stats=fewer)

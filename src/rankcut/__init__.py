@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "compress": ("rankcut.api", "compress"),
     "CompressionResult": ("rankcut.api", "CompressionResult"),
+    "collect_statistics": ("rankcut.api", "collect_statistics"),
     "save": ("rankcut.io", "save"),
     "load": ("rankcut.io", "load"),
     "load_tokenizer": ("rankcut.io", "load_tokenizer"),

@@ -75,6 +75,60 @@ def _allocation_needs(allocator: AllocatorSpec, model: nn.Module, calibration) -
     return frozenset(needs)
 
 
+_STAT_FIELDS = {
+    "gram": lambda st: st.inputs is not None and st.inputs.gram is not None,
+    "abs_mean": lambda st: st.inputs is not None and st.inputs.abs_sum is not None,
+    "fisher": lambda st: st.fisher_in is not None,
+    "fisher_out": lambda st: st.fisher_out is not None,
+}
+
+
+def statistics_needed(
+    model: nn.Module, config: MethodConfig, calibration: Tensor | None
+) -> frozenset[str]:
+    """What the whole-model calibration pass of ``compress(model, config)`` gathers."""
+    spec = spec_for_config(config)
+    allocator = ALLOCATORS[config.allocation]
+    needs = _allocation_needs(allocator, model, calibration)
+    if "loss_table" in allocator.needs:
+        needs |= spec.needs
+    if config.pipeline == "whole":
+        needs |= spec.needs
+    return frozenset(needs)
+
+
+def collect_statistics(
+    model: nn.Module, config: MethodConfig, calibration: Tensor, *, progress: bool = True
+) -> dict:
+    """The calibration statistics ``compress(model, config, calibration)`` would gather.
+
+    Gather them once on the dense model and pass them as ``compress(..., stats=...)`` to
+    compress copies of it at several ratios or allocations without recalibrating. They
+    hold Gram matrices (``in x in`` float64 per distinct input), so they are large.
+
+    Example:
+        >>> stats = collect_statistics(dense, SvdLlmConfig(), calib)  # doctest: +SKIP
+        >>> for ratio in (0.2, 0.4):  # doctest: +SKIP
+        ...     compress(copy.deepcopy(dense), SvdLlmConfig(ratio=ratio), calib, stats=stats)
+    """
+    modules = find_targets(model, config.targets, config.exclude)
+    tied = set(shared_weights(model, modules))
+    modules = {n: m for n, m in modules.items() if n not in tied}
+    needs = statistics_needed(model, config, calibration)
+    return collect_layer_stats(model, modules, calibration, needs, progress)
+
+
+def _check_given_stats(stats: dict, modules: dict, needs: frozenset[str]) -> None:
+    for name in modules:
+        st = stats.get(name)
+        missing = [k for k in sorted(needs) if st is None or not _STAT_FIELDS[k](st)]
+        if missing:
+            raise RankcutError(
+                f"the given statistics lack {', '.join(missing)} for {name}; "
+                "gather them with collect_statistics(model, config, calibration)"
+            )
+
+
 def _allocation_input(
     model, modules, shapes, stats, allocator, spec, config, calibration, progress
 ):
@@ -137,6 +191,7 @@ def compress(
     calibration: Tensor | None = None,
     *,
     progress: bool = True,
+    stats: dict | None = None,
 ) -> CompressionResult:
     """Factorize the targeted linears of ``model`` in place, as ``config`` says.
 
@@ -148,6 +203,8 @@ def compress(
         calibration: ``(samples, seq_len)`` token ids for methods, allocators or
             pipelines that need data; ``svd`` with uniform ranks needs none.
         progress: show progress bars.
+        stats: statistics from ``collect_statistics`` on the same dense weights and
+            calibration, reused instead of gathered again (see there).
 
     Returns:
         A ``CompressionResult``; ``result.model`` is ``model`` with ``LowRankLinear``
@@ -178,15 +235,12 @@ def compress(
 
     # Statistics: one whole-model pass serves both the allocation and, for the whole
     # pipeline, the factorization; the sequential pipeline gathers its own per block.
-    alloc_needs = _allocation_needs(allocator, model, calibration)
-    if "loss_table" in allocator.needs:
-        alloc_needs |= spec.needs
-    method_needs = spec.needs if config.pipeline == "whole" else frozenset()
-    stats = (
-        collect_layer_stats(model, modules, calibration, alloc_needs | method_needs, progress)
-        if modules
-        else {}
-    )
+    needs = statistics_needed(model, config, calibration)
+    if stats is None:
+        stats = collect_layer_stats(model, modules, calibration, needs, progress) if modules else {}
+    else:
+        _check_given_stats(stats, modules, needs)
+        stats = dict(stats)  # the pipeline releases entries as it goes; keep the caller's
     inp = _allocation_input(
         model, modules, shapes, stats, allocator, spec, config, calibration, progress
     )

@@ -357,28 +357,14 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 
 def _run_recovery(model, teacher, spec, calib, tokenizer, steps, seq_len, seed, lr, distill, quiet):
-    """Fine-tune the factors on fresh windows of the calibration text (a different seed).
-
-    Generated data is expensive to make, so with a ``generated`` part the windows are
-    the calibration windows ``calib`` (generated anew from ``teacher`` when not given).
-    """
-    from .data import calibration_windows, load_text, tokenize
-    from .data.generated import GENERATED, windows_from_spec
+    """Fine-tune the factors on windows of the calibration data (see ``recovery_windows``)."""
+    from .data.generated import recovery_windows
     from .finetune import RecoveryConfig, recover
 
     config = RecoveryConfig(steps=steps, lr=lr, distill=distill)
-    if GENERATED in [p.strip() for p in spec.split("+")]:
-        windows = calib
-        if windows is None:
-            windows = windows_from_spec(
-                spec, tokenizer, 32, seq_len, seed, model=teacher, progress=not quiet
-            )
-    elif "+" in spec:
-        windows = windows_from_spec(spec, tokenizer, steps, seq_len, seed + 1)
-    else:
-        text = load_text(spec)
-        available = len(tokenize(text, tokenizer)) // seq_len
-        windows = calibration_windows(text, tokenizer, min(steps, available), seq_len, seed + 1)
+    windows = recovery_windows(
+        spec, tokenizer, steps, seq_len, seed, calib=calib, model=teacher, progress=not quiet
+    )
     stats = recover(model, windows, config, teacher=teacher, progress=not quiet)
     losses = stats["losses"]
     head = sum(losses[:10]) / len(losses[:10])

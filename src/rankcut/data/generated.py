@@ -142,3 +142,35 @@ def validate_spec(spec: str) -> None:
         part = part.strip()
         if part and part != GENERATED:
             load_text(part)
+
+
+def recovery_windows(
+    spec: str,
+    tokenizer,
+    steps: int,
+    seq_len: int,
+    seed: int = 0,
+    *,
+    calib: Tensor | None = None,
+    model: nn.Module | None = None,
+    progress: bool = True,
+) -> Tensor:
+    """Training windows for a recovery fine-tune of ``steps`` steps (one window each).
+
+    Text: fresh windows (seed ``seed + 1``, so not the calibration windows), at most
+    ``steps`` and at most what the text holds. With a ``generated`` part, making data is
+    costly, so the calibration windows ``calib`` are reused (cycled); without them, 32
+    windows are generated from ``model``.
+    """
+    from .corpora import load_text
+    from .windows import calibration_windows, tokenize
+
+    if GENERATED in [p.strip() for p in spec.split("+")]:
+        if calib is not None:
+            return calib
+        return windows_from_spec(spec, tokenizer, 32, seq_len, seed, model=model, progress=progress)
+    if "+" in spec:
+        return windows_from_spec(spec, tokenizer, steps, seq_len, seed + 1)
+    text = load_text(spec)
+    available = len(tokenize(text, tokenizer)) // seq_len
+    return calibration_windows(text, tokenizer, min(steps, available), seq_len, seed + 1)
