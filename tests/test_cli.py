@@ -679,3 +679,22 @@ def test_failed_overwrite_keeps_the_old_output(
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")] == []
     assert eval_json(capsys, out, eval_file)["params_total"] > 0
+
+
+def test_default_calibration_mixes_text_and_generated(tmp_path, tiny_llama_dir):
+    """No --calib: half built-in text, half sampled from the model; resolved in the recipe."""
+    out = tmp_path / "auto"
+    args = ["compress", "--model", tiny_llama_dir, "--method", "svd-llm", "--ratio", RATIO]
+    assert run(*args, "--out", out, *CALIB) == 0
+    recipe = json.loads((out / "recipe.json").read_text())
+    assert recipe["calib"] == "shakespeare+generated"
+    meta = json.loads((out / "rankcut.json").read_text())
+    assert meta["calibration"]["data"] == "shakespeare+generated"
+
+
+def test_generated_calibration_and_recovery(capsys, tmp_path, tiny_llama_dir, eval_file):
+    out = tmp_path / "gen"
+    args = compress_args(tiny_llama_dir, out, "svd-llm", "generated", ("--recover", "3"))
+    assert run(*args) == 0
+    assert "recovery: 3 steps" in capsys.readouterr().out
+    assert eval_json(capsys, out, eval_file)["perplexity"] > 1

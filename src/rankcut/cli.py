@@ -21,7 +21,7 @@ COMPRESS_DEFAULTS = {
     "model": "smollm2-135m",
     "method": "svd-llm",
     "ratio": 0.2,
-    "calib": "shakespeare",
+    "calib": "auto",
     "samples": 32,
     "seq_len": 512,
     "out": None,
@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--calib",
         help="calibration data: built-in corpus, .txt file or folder, hf:NAME[:CONFIG]:SPLIT, "
-        "'generated' (sampled from the model) or a mix A+B (default shakespeare)",
+        "'generated' (sampled from the model) or a mix A+B; default 'auto': "
+        "shakespeare+generated for causal LMs, shakespeare for encoders",
     )
     c.add_argument("--samples", type=int, help="calibration windows (32)")
     c.add_argument("--seq-len", type=int, help="tokens per calibration window (512)")
@@ -156,7 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=1.0,
         help="share of distillation from the source model in the loss (1.0; 0 = CE only)",
     )
-    f.add_argument("--data", default="shakespeare", help="training text (default shakespeare)")
+    f.add_argument(
+        "--data",
+        default="auto",
+        help="training data, as compress --calib (default 'auto': shakespeare+generated, "
+        "sampled from the source model)",
+    )
     f.add_argument("--seq-len", type=int, default=512, help="window length (512)")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument(
@@ -271,7 +277,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     import torch
 
     from . import api, io
-    from .data.generated import validate_spec, windows_from_spec
+    from .data.generated import resolve_spec, validate_spec, windows_from_spec
     from .methods import get_method
     from .models import resolve
     from .rank import ALLOCATORS
@@ -300,6 +306,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         validate_spec(calib_spec)  # before loading the model
     tokenizer = io.load_tokenizer(str(opts["model"]))
     model = io.load(str(opts["model"]), device=device)
+    calib_spec = opts["calib"] = resolve_spec(calib_spec, model)
     calib = None
     if needs_data:
         calib = windows_from_spec(
@@ -356,14 +363,23 @@ def cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_recovery(model, teacher, spec, calib, tokenizer, steps, seq_len, seed, lr, distill, quiet):
+def _run_recovery(
+    model, teacher, spec, calib, tokenizer, steps, seq_len, seed, lr, distill, quiet, sampler=None
+):
     """Fine-tune the factors on windows of the calibration data (see ``recovery_windows``)."""
     from .data.generated import recovery_windows
     from .finetune import RecoveryConfig, recover
 
     config = RecoveryConfig(steps=steps, lr=lr, distill=distill)
     windows = recovery_windows(
-        spec, tokenizer, steps, seq_len, seed, calib=calib, model=teacher, progress=not quiet
+        spec,
+        tokenizer,
+        steps,
+        seq_len,
+        seed,
+        calib=calib,
+        model=sampler if sampler is not None else teacher,
+        progress=not quiet,
     )
     stats = recover(model, windows, config, teacher=teacher, progress=not quiet)
     losses = stats["losses"]
@@ -382,7 +398,7 @@ def _run_recovery(model, teacher, spec, calib, tokenizer, steps, seq_len, seed, 
 def cmd_finetune(args: argparse.Namespace) -> int:
     from . import io
     from .data import load_text
-    from .data.generated import validate_spec
+    from .data.generated import GENERATED, resolve_spec, validate_spec
     from .evaluate import perplexity
 
     device = _device(args.device)
@@ -404,6 +420,15 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         if not source:
             raise RankcutError("no source_model in rankcut.json to distill from (use --distill 0)")
         teacher = io.load(source, device=device)
+    spec = resolve_spec(args.data, model)
+    sampler = teacher  # generated training data is sampled from the dense source model
+    if sampler is None and GENERATED in spec.split("+"):
+        source = meta.get("source_model")
+        if not source:
+            raise RankcutError(
+                "generated training data needs the source model; give --data TEXT instead"
+            )
+        sampler = io.load(source, device=device)
 
     def ppl():
         return perplexity(
@@ -419,7 +444,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     recovery = _run_recovery(
         model,
         teacher,
-        args.data,
+        spec,
         None,
         tokenizer,
         args.steps,
@@ -428,8 +453,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         args.lr,
         args.distill,
         args.quiet,
+        sampler=sampler,
     )
-    del teacher
+    del teacher, sampler
     after = ppl() if heldout else None
     if heldout:
         recovery.update(eval_data=args.eval_data, perplexity_before=before, perplexity_after=after)

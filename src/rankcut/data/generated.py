@@ -18,6 +18,20 @@ from .windows import bos_prefix
 
 #: The calibration spec that asks for model-generated windows (``--calib generated``).
 GENERATED = "generated"
+#: The default calibration spec, resolved per model by ``resolve_spec``.
+AUTO = "auto"
+#: What ``auto`` means for a model that can generate, and for one that cannot (encoders).
+AUTO_CAUSAL = "shakespeare+generated"
+AUTO_ENCODER = "shakespeare"
+
+
+def resolve_spec(spec: str, model: nn.Module) -> str:
+    """``auto`` -> half built-in text, half text sampled from the model for causal LMs
+    (statistics that do not lean towards one domain), built-in text for encoders."""
+    if spec != AUTO:
+        return spec
+    can_generate = getattr(model, "can_generate", None)
+    return AUTO_CAUSAL if callable(can_generate) and can_generate() else AUTO_ENCODER
 
 
 def start_tokens(tokenizer) -> list[int]:
@@ -138,7 +152,7 @@ def validate_spec(spec: str) -> None:
     """Fail early (before loading a model) on a spec whose text parts do not exist."""
     from .corpora import load_text
 
-    for part in spec.split("+"):
+    for part in (AUTO_CAUSAL if spec == AUTO else spec).split("+"):
         part = part.strip()
         if part and part != GENERATED:
             load_text(part)
