@@ -154,3 +154,48 @@ def test_cli_compress_recover_and_finetune(
     assert rankcut.load(out) is not None
     code = main(["-q", "finetune", str(tiny_llama_dir), "--steps", "1"])
     assert code == 2 and "rankcut output" in capsys.readouterr().err
+
+
+def test_lora_recovery_merges_into_the_factors(tmp_path):
+    pytest.importorskip("peft")
+    model = tiny_llama()
+    rankcut.compress(model, rankcut.SvdConfig(ratio=0.5), progress=False)
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    x = windows()
+    stats = recover(
+        model,
+        x,
+        RecoveryConfig(steps=40, lr=1e-2, warmup=2, distill=0.0, lora_rank=4),
+        progress=False,
+    )
+    losses = stats["losses"]
+    assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5
+    # Adapters are merged and gone: same parameter names and shapes, plain layers.
+    assert {n: p.shape for n, p in model.named_parameters()} == shapes
+    assert not any("lora" in n for n, _ in model.named_modules())
+    rankcut.save(model, tmp_path / "out")
+    loaded = rankcut.load(tmp_path / "out")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=x).logits, model(input_ids=x).logits)
+        trained = float(
+            torch.nn.functional.cross_entropy(
+                model(input_ids=x).logits[:, :-1].reshape(-1, 400), x[:, 1:].reshape(-1)
+            )
+        )
+    assert trained < losses[0]
+
+
+def test_bad_lora_rank():
+    with pytest.raises(ConfigError, match="lora_rank"):
+        RecoveryConfig(lora_rank=-1)
+
+
+def test_cli_recovery_with_lora(tmp_path, tiny_llama_dir, calib_file):
+    pytest.importorskip("peft")
+    out = tmp_path / "lora"
+    args = ["compress", "--model", tiny_llama_dir, "--method", "svd", "--ratio", "0.4"]
+    args += ["--calib", calib_file, "--samples", "4", "--seq-len", "32", "--out", out]
+    assert main(["-q", *map(str, args), "--recover", "3", "--recover-lora", "2"]) == 0
+    meta = rankcut.io.read_meta(out)
+    assert meta["recovery"]["config"]["lora_rank"] == 2
+    assert not any("lora" in k for k in meta["layers"])

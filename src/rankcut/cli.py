@@ -36,6 +36,7 @@ COMPRESS_DEFAULTS = {
     "min_rank_fraction": 0.25,
     "recover": 0,
     "recover_lr": 1e-4,
+    "recover_lora": 0,
     "distill": 1.0,
 }
 
@@ -131,6 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--recover-lr", type=float, help="recovery learning rate (1e-4)")
     c.add_argument(
+        "--recover-lora",
+        type=int,
+        metavar="R",
+        help="recovery trains a rank-R LoRA (peft) on the factors, merged at the end "
+        "(default 0: train the factors)",
+    )
+    c.add_argument(
         "--distill",
         type=float,
         help="recovery: share of distillation from the dense model in the loss (1.0; 0 = CE only)",
@@ -151,6 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("model", metavar="DIR", help="a rankcut output folder")
     f.add_argument("--steps", type=int, default=200, help="optimizer steps, one window each (200)")
     f.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (1e-4)")
+    f.add_argument(
+        "--lora",
+        type=int,
+        default=0,
+        metavar="R",
+        help="train a rank-R LoRA (peft) on the factors, merged at the end (0: the factors)",
+    )
     f.add_argument(
         "--distill",
         type=float,
@@ -241,6 +256,7 @@ RECIPE_TYPES = {
     "min_rank_fraction": ((int, float), "a number"),
     "recover": ((int,), "an integer"),
     "recover_lr": ((int, float), "a number"),
+    "recover_lora": ((int,), "an integer"),
     "distill": ((int, float), "a number"),
 }
 
@@ -348,6 +364,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
             opts["recover_lr"],
             opts["distill"],
             args.quiet,
+            lora_rank=opts["recover_lora"],
         )
         del teacher
     recipe = {**opts, "out": str(out)}
@@ -364,13 +381,25 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 
 def _run_recovery(
-    model, teacher, spec, calib, tokenizer, steps, seq_len, seed, lr, distill, quiet, sampler=None
+    model,
+    teacher,
+    spec,
+    calib,
+    tokenizer,
+    steps,
+    seq_len,
+    seed,
+    lr,
+    distill,
+    quiet,
+    sampler=None,
+    lora_rank=0,
 ):
     """Fine-tune the factors on windows of the calibration data (see ``recovery_windows``)."""
     from .data.generated import recovery_windows
     from .finetune import RecoveryConfig, recover
 
-    config = RecoveryConfig(steps=steps, lr=lr, distill=distill)
+    config = RecoveryConfig(steps=steps, lr=lr, distill=distill, lora_rank=lora_rank)
     windows = recovery_windows(
         spec,
         tokenizer,
@@ -454,6 +483,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         args.distill,
         args.quiet,
         sampler=sampler,
+        lora_rank=args.lora,
     )
     del teacher, sampler
     after = ppl() if heldout else None

@@ -39,6 +39,10 @@ class RecoveryConfig:
         temperature: distillation temperature.
         grad_clip: gradient-norm clipping.
         checkpointing: gradient checkpointing (less memory, more time).
+        lora_rank: 0 trains the factors themselves; ``r > 0`` trains a rank-``r`` LoRA
+            (through peft) on each factor and merges it in at the end, so the saved
+            structure and parameter count do not change.
+        lora_alpha: LoRA scaling numerator (default ``2 * lora_rank``).
     """
 
     steps: int = 200
@@ -49,6 +53,8 @@ class RecoveryConfig:
     temperature: float = 1.0
     grad_clip: float = 1.0
     checkpointing: bool = False
+    lora_rank: int = 0
+    lora_alpha: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.steps, int) or self.steps < 1:
@@ -57,6 +63,8 @@ class RecoveryConfig:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if not 0.0 <= self.distill <= 1.0 or self.temperature <= 0:
             raise ConfigError("distill must be in [0, 1] and temperature > 0")
+        if not isinstance(self.lora_rank, int) or self.lora_rank < 0:
+            raise ConfigError(f"lora_rank must be an integer >= 0, got {self.lora_rank!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -74,6 +82,25 @@ def trainable_factors(model: nn.Module) -> list[nn.Parameter]:
     if not params:
         raise RankcutError("the model has no factorized layers to fine-tune")
     return params
+
+
+def _add_lora(model: nn.Module, config: RecoveryConfig):
+    """Wrap ``model`` with peft LoRA adapters on every factor; returns the peft model."""
+    try:
+        from peft import LoraConfig, get_peft_model  # optional, loaded only here
+    except ImportError as err:
+        raise RankcutError("LoRA recovery needs peft (pip install 'rankcut[lora]')") from err
+    names = [f"{n}.{part}" for n, _ in factorized_modules(model) for part in ("down", "up")]
+    if not names:
+        raise RankcutError("the model has no factorized layers to fine-tune")
+    lora = LoraConfig(
+        r=config.lora_rank,
+        lora_alpha=config.lora_alpha or 2 * config.lora_rank,
+        lora_dropout=0.0,
+        target_modules=names,
+        bias="none",
+    )
+    return get_peft_model(model, lora)
 
 
 def _lr_factor(step: int, config: RecoveryConfig) -> float:
@@ -118,6 +145,10 @@ def recover(
     flags = {p: p.requires_grad for p in model.parameters()}
     params = trainable_factors(model)
     device = next(model.parameters()).device
+    net = model
+    if config.lora_rank:
+        net = _add_lora(model, config).to(device)  # freezes all but the adapters
+        params = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config))
     if config.checkpointing and hasattr(model, "gradient_checkpointing_enable"):
@@ -126,8 +157,9 @@ def recover(
         teacher.eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
-    model.train()
+    net.train()
     losses: list[float] = []
+    finished = False
     start = time.perf_counter()
     bar = tqdm(range(config.steps), desc="recovery", disable=not progress)
     try:
@@ -138,7 +170,7 @@ def recover(
             if teacher is not None and config.distill > 0:
                 with torch.no_grad():
                     teacher_logits = teacher(input_ids=ids, attention_mask=mask).logits
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            logits = net(input_ids=ids, attention_mask=mask, use_cache=False).logits
             loss = _loss(logits, ids, teacher_logits, config)
             if not torch.isfinite(loss):
                 raise RankcutError(f"recovery loss became non-finite at step {step}; lower the lr")
@@ -149,7 +181,11 @@ def recover(
             scheduler.step()
             losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
+        finished = True
     finally:
+        if net is not model:
+            # Fold the adapters into the factors (same shapes); drop them after a failure.
+            net.merge_and_unload() if finished else net.unload()
         model.eval()
         for p, flag in flags.items():
             p.requires_grad_(flag)
