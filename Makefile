@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(VENV)/bin/rankcut compress --model smollm2-135m --method svd-llm --ratio 0.2 \
-		--calib shakespeare --samples 32 --seq-len 512 --out runs/demo --overwrite
+		--samples 32 --seq-len 512 --out runs/demo --overwrite
 	$(VENV)/bin/rankcut eval smollm2-135m --data shakespeare-heldout
 	$(VENV)/bin/rankcut eval runs/demo --data shakespeare-heldout
 
