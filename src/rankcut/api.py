@@ -84,6 +84,8 @@ def _allocation_input(
         ratio=config.ratio,
         min_rank_fraction=config.min_rank_fraction,
         options=dict(config.allocation_options),
+        rank_multiple=config.rank_multiple,
+        min_speedup=config.min_speedup,
     )
     if not allocator.needs:
         return inp

@@ -169,6 +169,20 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     f.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
 
+    b = sub.add_parser("bench", help="prefill/decode speed and memory, against a baseline")
+    b.add_argument("model", metavar="MODEL_OR_DIR")
+    b.add_argument(
+        "--baseline",
+        help="dense model timed alternately in the same run ('source': the rankcut "
+        "folder's source_model)",
+    )
+    b.add_argument("--batch", type=int, default=1, help="sequences (1)")
+    b.add_argument("--prompt", type=int, default=512, help="prefill tokens per sequence (512)")
+    b.add_argument("--new-tokens", type=int, default=128, help="decoded tokens (128)")
+    b.add_argument("--repeats", type=int, default=5, help="alternating timed runs (5)")
+    b.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    b.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    b.add_argument("--json", action="store_true", help="print one JSON object")
     sub.add_parser("methods", help="list registered methods")
     return parser
 
@@ -497,6 +511,42 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from . import io
+    from .evaluate.speed import SpeedSettings, compare, format_comparison
+
+    for name in ("batch", "prompt", "new_tokens", "repeats"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
+    device = _device(args.device)
+    kind, location = io.hf_location(args.model)
+    baseline_spec = args.baseline
+    if baseline_spec == "source":
+        if kind != "rankcut":
+            raise RankcutError("--baseline source needs a rankcut output folder as MODEL")
+        baseline_spec = io.read_meta(location).get("source_model")
+        if not baseline_spec:
+            raise RankcutError("no source_model in rankcut.json; name --baseline explicitly")
+    if baseline_spec:
+        io.hf_location(baseline_spec)
+    model = io.load(args.model, device=device)
+    baseline = io.load(baseline_spec, device=device) if baseline_spec else None
+    settings = SpeedSettings(
+        batch=args.batch,
+        prompt=args.prompt,
+        new_tokens=args.new_tokens,
+        repeats=args.repeats,
+        threads=args.threads,
+    )
+    result = compare(model, baseline, settings, progress=not args.quiet)
+    result.update(model_spec=args.model, baseline_spec=baseline_spec)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(format_comparison(result))
+    return 0
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     from .methods import METHODS
 
@@ -522,6 +572,7 @@ COMMANDS = {
     "eval": cmd_eval,
     "finetune": cmd_finetune,
     "methods": cmd_methods,
+    "bench": cmd_bench,
 }
 
 

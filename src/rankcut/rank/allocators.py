@@ -25,6 +25,7 @@ from .budget import (
     greedy_fill,
     max_saving_rank,
     rank_for_ratio,
+    speed_round,
     total_cost,
 )
 
@@ -42,6 +43,8 @@ class AllocationInput:
         loss_table: ``{module: {candidate_ratio: calibration-loss increase}}``.
         min_rank_fraction: floor per module, as a fraction of its uniform rank.
         options: allocator-specific knobs.
+        rank_multiple, min_speedup: speed-aware post-step applied to every allocator's
+            result (see ``budget.speed_round``); ``1`` and ``1.0`` turn it off.
     """
 
     shapes: dict[str, Shape]
@@ -51,6 +54,8 @@ class AllocationInput:
     loss_table: dict[str, dict[float, float]] | None = None
     min_rank_fraction: float = 0.25
     options: dict = field(default_factory=dict)
+    rank_multiple: int = 1
+    min_speedup: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,19 @@ def allocate(name: str, inp: AllocationInput) -> dict[str, int]:
             raise RankcutError(f"allocation {name!r} needs {need}")
     ranks = spec.fn(inp)
     limit = budget(inp.shapes, inp.ratio)
+    if inp.rank_multiple > 1 or inp.min_speedup > 1.0:
+        scores = inp.component_scores
+        if scores is None and inp.spectra is not None:
+            scores = _relative_energy(inp.spectra)
+        ranks = speed_round(
+            inp.shapes,
+            ranks,
+            limit,
+            inp.rank_multiple,
+            inp.min_speedup,
+            scores,
+            floors(inp.shapes, inp.ratio, inp.min_rank_fraction),
+        )
     spent = total_cost(inp.shapes, ranks)
     if spent > limit:
         raise RankcutError(
