@@ -183,6 +183,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     b.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     b.add_argument("--json", action="store_true", help="print one JSON object")
+    x = sub.add_parser("export", help="write a compressed model for other tools")
+    x.add_argument("model", metavar="DIR", help="a rankcut output folder")
+    x.add_argument(
+        "--merge",
+        action="store_true",
+        help="multiply the factors back: a plain dense Hugging Face checkpoint",
+    )
+    x.add_argument("--out", required=True, help="output folder")
+    x.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     sub.add_parser("methods", help="list registered methods")
     return parser
 
@@ -547,6 +556,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from . import io
+
+    if not args.merge:
+        raise ConfigError(
+            "export writes merged dense checkpoints only: pass --merge (a factorized "
+            "folder is already loadable with rankcut.load)"
+        )
+    io.check_output_dir(args.out, args.overwrite)
+    out = io.export_merged(args.model, args.out, overwrite=args.overwrite)
+    print(f"saved a dense Hugging Face checkpoint to {out}")
+    return 0
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     from .methods import METHODS
 
@@ -573,6 +596,7 @@ COMMANDS = {
     "finetune": cmd_finetune,
     "methods": cmd_methods,
     "bench": cmd_bench,
+    "export": cmd_export,
 }
 
 
