@@ -192,6 +192,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     x.add_argument("--out", required=True, help="output folder")
     x.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    i = sub.add_parser("inspect", help="singular-value spectra, effective rank, low-rank test")
+    i.add_argument("model", metavar="MODEL_OR_DIR")
+    i.add_argument("--calib", help="calibration text for whitened spectra (default: raw only)")
+    i.add_argument("--samples", type=int, default=8, help="calibration windows (8)")
+    i.add_argument("--seq-len", type=int, default=512, help="tokens per window (512)")
+    i.add_argument("--seed", type=int, default=0)
+    i.add_argument(
+        "--ratios", type=float, nargs="+", default=[0.2, 0.4], help="energy kept at these (0.2 0.4)"
+    )
+    i.add_argument("--beta-min", type=float, default=0.1, help="low-rank threshold (0.1)")
+    i.add_argument("--targets", nargs="+", help="regexes of modules to inspect")
+    i.add_argument("--exclude", nargs="+", help="regexes of modules to skip")
+    i.add_argument("--out", help="folder for inspect.md/.json and PNG plots")
+    i.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     sub.add_parser("methods", help="list registered methods")
     return parser
 
@@ -570,6 +584,39 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from . import io
+    from .analysis import format_table, inspect_model, write_inspect
+    from .rank.budget import check_ratio
+
+    for ratio in args.ratios:
+        check_ratio(ratio)
+    device = _device(args.device)
+    io.hf_location(args.model)
+    calib = None
+    if args.calib:
+        from .data import calibration_windows, load_text
+
+        text = load_text(args.calib)
+        tokenizer = io.load_tokenizer(args.model)
+        calib = calibration_windows(text, tokenizer, args.samples, args.seq_len, args.seed)
+    model = io.load(args.model, device=device)
+    info = inspect_model(
+        model,
+        calib,
+        tuple(args.ratios),
+        beta_min=args.beta_min,
+        targets=args.targets,
+        exclude=args.exclude,
+        progress=not args.quiet,
+    )
+    print(format_table(info))
+    if args.out:
+        for path in write_inspect(info, args.out, title=str(args.model)):
+            print(f"wrote {path}")
+    return 0
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     from .methods import METHODS
 
@@ -597,6 +644,7 @@ COMMANDS = {
     "methods": cmd_methods,
     "bench": cmd_bench,
     "export": cmd_export,
+    "inspect": cmd_inspect,
 }
 
 
