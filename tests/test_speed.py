@@ -140,6 +140,8 @@ def test_no_speed_gain_stays_dense():
     out = speed_round(shapes, near_breakeven, limit, 8, 1.1)
     assert out["a"] == 0
     assert out["b"] % 8 == 0 and total_cost(shapes, out) <= limit
+    # small ranks are neither rounded nor grown into slack of the budget
+    assert speed_round(shapes, {"a": 20, "b": 21}, 10**9, 8, 1.1) == {"a": 20, "b": 21}
     # without the speed rule the near-break-even rank is kept
     assert speed_round(shapes, near_breakeven, total_cost(shapes, near_breakeven), 1, 1.0) == (
         near_breakeven
@@ -149,10 +151,10 @@ def test_no_speed_gain_stays_dense():
 def test_speed_round_refills_budget_uniformly():
     inp = AllocationInput(SMOL, 0.2, rank_multiple=16, min_speedup=1.1)
     ranks = allocate("uniform", inp)
-    limit = budget(SMOL, 0.2)
+    limit = total_cost(SMOL, allocate("uniform", AllocationInput(SMOL, 0.2)))
     spent = total_cost(SMOL, ranks)
     assert spent <= limit
-    # no module can take one more step of 16 within the budget and the speed cap
+    # no module can take one more step of 16 within the uniform cost and the speed cap
     for k, r in ranks.items():
         m, n = SMOL[k]
         assert spent + 16 * (m + n) > limit or r + 16 > fast_rank_cap(m, n, 1.1)

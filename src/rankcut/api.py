@@ -189,10 +189,12 @@ def compress(
         if modules
         else {}
     )
+    phases = {"statistics": time.perf_counter() - start}
     inp = _allocation_input(
         model, modules, shapes, stats, allocator, spec, config, calibration, progress
     )
     ranks = allocate(config.allocation, inp) if modules else {}
+    phases["allocation"] = time.perf_counter() - start - phases["statistics"]
     for name in ranks:
         override = _pattern_rank(name, config.rank_pattern)
         if override is not None:
@@ -222,8 +224,10 @@ def compress(
         "targeted_before": targeted_before,
         "targeted_after": targeted_after,
     }
+    seconds = time.perf_counter() - start
+    phases["factorization"] = seconds - phases["statistics"] - phases["allocation"]
     result = CompressionResult(
-        model, config, final_ranks, kept, params, time.perf_counter() - start
+        model, config, final_ranks, kept, params, seconds, extra={"phases": phases}
     )
     model.rankcut_meta = {"method_config": config.to_dict(), "params": params}
     return result

@@ -37,6 +37,7 @@ COMPRESS_DEFAULTS = {
     "recover": 0,
     "recover_lr": 1e-4,
     "distill": 1.0,
+    "eval_data": None,
 }
 
 
@@ -133,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--distill",
         type=float,
         help="recovery: share of distillation from the dense model in the loss (1.0; 0 = CE only)",
+    )
+    c.add_argument(
+        "--eval-data",
+        help="held-out text: perplexity before and after (4096 tokens) in the report",
     )
     e = sub.add_parser("eval", help="held-out perplexity and parameter counts")
     e.add_argument("model", metavar="MODEL_OR_DIR")
@@ -247,7 +252,7 @@ def _read_recipe(path: str) -> dict:
         )
         if ok and expected[0] == (list,):
             ok = all(isinstance(v, str) for v in value)
-        if not ok and not (value is None and key in ("out", "device", "targets")):
+        if not ok and not (value is None and key in ("out", "device", "targets", "eval_data")):
             raise RankcutError(f"recipe {path}: {key!r} must be {expected[1]}, got {value!r}")
     return data
 
@@ -273,6 +278,7 @@ RECIPE_TYPES = {
     "recover": ((int,), "an integer"),
     "recover_lr": ((int, float), "a number"),
     "distill": ((int, float), "a number"),
+    "eval_data": ((str,), "a string"),
 }
 
 
@@ -333,13 +339,18 @@ def cmd_compress(args: argparse.Namespace) -> int:
         spec.needs or ALLOCATORS[config.allocation].needs or config.pipeline != "whole" or recover
     )
     text = load_text(str(opts["calib"])) if needs_data else None  # validate before loading
+    heldout = load_text(str(opts["eval_data"])) if opts["eval_data"] else None
+    started = time.perf_counter()
     tokenizer = io.load_tokenizer(str(opts["model"]))
     calib = None
     if needs_data:
         calib = calibration_windows(text, tokenizer, opts["samples"], opts["seq_len"], opts["seed"])
     model = io.load(str(opts["model"]), device=device)
     teacher = copy.deepcopy(model) if recover and opts["distill"] > 0 else None
+    phases = {"loading": time.perf_counter() - started}
+    ppl = _compress_eval(model, tokenizer, heldout, opts, args.quiet, phases, "dense")
     result = api.compress(model, config, calib, progress=not args.quiet)
+    phases.update(result.extra.get("phases", {}))
     print(result.summary())
     extra = {
         "source_model": str(opts["model"]),
@@ -369,6 +380,16 @@ def cmd_compress(args: argparse.Namespace) -> int:
             args.quiet,
         )
         del teacher
+    if heldout is not None:
+        ppl.update(
+            _compress_eval(model, tokenizer, heldout, opts, args.quiet, phases, "compressed")
+        )
+        print(
+            f"held-out perplexity ({opts['eval_data']}): {ppl['dense']:.3f} -> "
+            f"{ppl['compressed']:.3f}"
+        )
+        extra["perplexity"] = ppl
+    extra["phases"] = {k: round(v, 3) for k, v in phases.items()}
     recipe = {**opts, "out": str(out)}
     io.save(
         result.model,
@@ -378,8 +399,27 @@ def cmd_compress(args: argparse.Namespace) -> int:
         extra=extra,
         files={"recipe.json": json.dumps(recipe, indent=2) + "\n"},
     )
+    _write_report(out)
     print(f"saved to {out}")
     return 0
+
+
+def _compress_eval(model, tokenizer, heldout, opts, quiet, phases, label) -> dict:
+    """Held-out perplexity for the report, timed as its own phase (nothing without text)."""
+    if heldout is None:
+        return {}
+    from .evaluate import perplexity
+
+    start = time.perf_counter()
+    value = perplexity(model, tokenizer, heldout, tokens=4096, seq_len=512, progress=not quiet)
+    phases[f"evaluation ({label})"] = time.perf_counter() - start
+    return {"data": str(opts["eval_data"]), label: value["perplexity"]}
+
+
+def _write_report(out) -> None:
+    from .report import write_report
+
+    write_report(out)
 
 
 def _run_recovery(model, teacher, text, tokenizer, steps, seq_len, seed, lr, distill, quiet):
@@ -484,6 +524,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         extra=keep,
         files=files,
     )
+    _write_report(out)
     print(f"saved to {out}")
     return 0
 

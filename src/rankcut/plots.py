@@ -64,6 +64,7 @@ def spectra_plot(spectra: dict, title: str, path: str | Path | None = None) -> b
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(kinds) :]:
         ax.axis("off")
+    fig.subplots_adjust(hspace=0.45, wspace=0.3)
     fig.suptitle(title, fontsize=9)
     fig.supxlabel("index i (colour: layer depth)", fontsize=8)
     fig.supylabel("s_i / s_0", fontsize=8)

@@ -180,8 +180,9 @@ def speed_round(
     3. While over budget, the module whose last ``multiple`` directions are worth least
        per parameter (``scores``, else the one with the largest rank relative to its
        allocated rank) loses them, never going below ``floor`` when that is possible.
-    4. What is left of the budget is spent the same way in reverse, ``multiple``
-       directions at a time, never past the speed cap of step 1.
+    4. What rounding freed is spent again the same way in reverse, ``multiple``
+       directions at a time, never past the speed cap of step 1 nor beyond the
+       original allocation's cost: the post-step moves parameters, it does not add any.
 
     Ranks stay multiples of ``multiple`` (when not below ``4 * multiple``).
     """
@@ -222,11 +223,12 @@ def speed_round(
             _, k, d = min(options)
             out[k] -= d
             spent -= d * sum(shapes[k])
+    refill = min(limit, total_cost(shapes, ranks))
     while True:
         options = []
         for k, r in out.items():
             d = up(r)
-            if r and r + d <= caps[k] and spent + d * sum(shapes[k]) <= limit:
+            if r and r + d <= caps[k] and spent + d * sum(shapes[k]) <= refill:
                 options.append((worth(k, r, r + d), k, d))
         if not options:
             break
