@@ -29,22 +29,54 @@ from rankcut.evaluate.speed import SpeedSettings, compare, format_comparison
 RESULTS = Path(__file__).parent / "results"
 
 
-def compressed(model_name: str, ratio: float, runs: Path, extra: dict, tag: str) -> Path:
+def compressed(
+    model_name: str, method: str, ratio: float, runs: Path, extra: dict, tag: str
+) -> Path:
     """The compressed model's folder, compressing and saving it on first use."""
     from rankcut.data import calibration_windows, load_text
-    from rankcut.methods import SvdLlmConfig
+    from rankcut.methods import get_method
 
-    out = runs / f"bench-svdllm{tag}-{ratio}"
+    spec = get_method(method)
+    out = runs / f"bench-{method.replace('-', '')}{tag}-{ratio}"
     if (out / "rankcut.json").is_file():
         return out
     tok = rankcut.load_tokenizer(model_name)
     model = rankcut.load(model_name)
-    calib = calibration_windows(load_text("shakespeare"), tok, 32, 512, 0)
-    config = SvdLlmConfig(ratio=ratio, allocation="uniform", **extra)
+    calib = calibration_windows(load_text("shakespeare"), tok, 32, 512, 0) if spec.needs else None
+    config = spec.config_cls(ratio=ratio, allocation="uniform", **extra)
     result = rankcut.compress(model, config, calib)
     print(result.summary(), flush=True)
     rankcut.save(result.model, out, tokenizer=tok, extra={"source_model": model_name})
     return out
+
+
+def random_factorized(model_name: str, ratio: float, extra: dict):
+    """The dense model with its targets replaced by ``LowRankLinear`` layers holding random
+    factors at the ranks uniform allocation gives (with the same speed-aware post-step).
+
+    Time does not depend on the factor values, only on the shapes: this measures the
+    speed of any method's uniform compression without spending minutes on SVDs.
+    """
+    from rankcut.layers import LowRankLinear, dense_shape
+    from rankcut.methods import SvdConfig
+    from rankcut.models import find_targets
+    from rankcut.models.structure import replace_module
+    from rankcut.rank import AllocationInput, allocate
+
+    model = rankcut.load(model_name)
+    targets = find_targets(model)
+    shapes = {name: dense_shape(module) for name, module in targets.items()}
+    config = SvdConfig(ratio=ratio, allocation="uniform", **extra)  # validates the options
+    inp = AllocationInput(
+        shapes, ratio, rank_multiple=config.rank_multiple, min_speedup=config.min_speedup
+    )
+    torch.manual_seed(0)
+    for name, rank in allocate("uniform", inp).items():
+        if rank:
+            m, n = shapes[name]
+            bias = targets[name].bias is not None
+            replace_module(model, name, LowRankLinear(n, m, rank, bias=bias))
+    return model.eval()
 
 
 def cpu_name() -> str:
@@ -61,6 +93,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.4])
+    parser.add_argument(
+        "--method",
+        default="svd-llm",
+        help="factorization (speed depends only on the ranks, which uniform allocation "
+        "makes the same for every method); 'random': random factors at those ranks, "
+        "no SVD, no saving",
+    )
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--prompt", type=int, default=512)
@@ -72,7 +111,7 @@ def main() -> None:
         action="append",
         default=[],
         metavar="KEY=JSON",
-        help="extra SvdLlmConfig field for the compressed models (changes their folder name)",
+        help="extra config field for the compressed models (changes their folder name)",
     )
     parser.add_argument("--name", default="speed", help="results file stem")
     parser.add_argument("--note", default="", help="sentence added to the results file")
@@ -91,8 +130,12 @@ def main() -> None:
     dense = rankcut.load(args.model, device=args.device)
     rows = []
     for ratio in args.ratios:
-        folder = compressed(args.model, ratio, Path(args.runs), extra, tag)
-        model = rankcut.load(folder, device=args.device)
+        if args.method == "random":
+            folder = "(random factors, not saved)"
+            model = random_factorized(args.model, ratio, extra).to(args.device)
+        else:
+            folder = compressed(args.model, args.method, ratio, Path(args.runs), extra, tag)
+            model = rankcut.load(folder, device=args.device)
         start = time.time()
         result = compare(model, dense, settings)
         result.update(ratio=ratio, folder=str(folder), wall_seconds=round(time.time() - start))
@@ -111,6 +154,7 @@ def main() -> None:
         "torch": torch.__version__,
         "device": args.device,
         "options": extra,
+        "method": args.method,
     }
     (RESULTS / f"{args.name}.json").write_text(
         json.dumps({"meta": meta, "runs": rows}, indent=2) + "\n"
@@ -122,7 +166,7 @@ def main() -> None:
 def render(meta: dict, rows: list[dict], note: str) -> str:
     s = rows[0]["settings"]
     lines = [
-        f"# Speed: {rows[0].get('folder', '')} family vs dense SmolLM2-135M",
+        f"# Speed: SmolLM2-135M compressed ({meta['method']}, uniform ranks) vs dense",
         "",
         f"Command: `{meta['command']}`",
         "",
@@ -132,8 +176,10 @@ def render(meta: dict, rows: list[dict], note: str) -> str:
         f"that prompt. Model and dense baseline alternate within each of {s['repeats']} "
         f"repeats (whole model) and {s['linear_repeats']} repeats (linears only); medians. "
         "**The machine was shared with other jobs (2 cores for several agents) while this "
-        "ran: absolute numbers are noisy, ratios less so.** SVD-LLM, uniform ranks, "
-        "32 x 512 Shakespeare calibration."
+        "ran: absolute numbers are noisy, ratios less so.** "
+        f"Method {meta['method']}, uniform ranks (32 x 512 Shakespeare calibration when "
+        "the method needs one); speed depends only on the ranks ('random': random "
+        "factors at exactly the ranks uniform allocation gives, to skip the SVDs)."
         + (f" Compressed with extra options {meta['options']}." if meta["options"] else "")
         + (f" {note}" if note else ""),
         "",
@@ -141,21 +187,24 @@ def render(meta: dict, rows: list[dict], note: str) -> str:
         "(`r (m + n)` vs `m n` per matrix): *linears* over the decoder-block linears, "
         "*model* over all linears including the untouched LM head (attention scores, norms "
         "and the embedding lookup are not counted). Measured = dense seconds / compressed "
-        "seconds (medians).",
+        "seconds (medians; *best*: the ratio of each model's fastest run, less "
+        "sensitive to other jobs).",
         "",
-        "| ratio | theoretical linears | linears prefill | linears decode | "
+        "| ratio | stat | theoretical linears | linears prefill | linears decode | "
         "prefill / theory | decode / theory | theoretical model | model prefill | "
         "model decode |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        th, me = r["theoretical"], r["measured"]
-        lines.append(
-            f"| {r['ratio']} | {th['linears']:.3f}x | {me['linears_prefill']:.3f}x | "
-            f"{me['linears_decode']:.3f}x | {me['linears_prefill'] / th['linears']:.2f} | "
-            f"{me['linears_decode'] / th['linears']:.2f} | {th['model']:.3f}x | "
-            f"{me['prefill']:.3f}x | {me['decode']:.3f}x |"
-        )
+        th = r["theoretical"]
+        for stat, me in (("median", r["measured"]), ("best", r["measured_best"])):
+            lines.append(
+                f"| {r['ratio']} | {stat} | {th['linears']:.3f}x | "
+                f"{me['linears_prefill']:.3f}x | {me['linears_decode']:.3f}x | "
+                f"{me['linears_prefill'] / th['linears']:.2f} | "
+                f"{me['linears_decode'] / th['linears']:.2f} | {th['model']:.3f}x | "
+                f"{me['prefill']:.3f}x | {me['decode']:.3f}x |"
+            )
     lines += [
         "",
         "| ratio | model | prefill tok/s | decode tok/s | linears prefill ms | "

@@ -63,6 +63,7 @@ def test_compare_returns_sane_structure(pair):
     assert result["model"]["param_bytes"] < result["baseline"]["param_bytes"]
     assert result["model"]["params"] * 4 == result["model"]["param_bytes"]
     assert set(result["measured"]) == {"prefill", "decode", "linears_prefill", "linears_decode"}
+    assert set(result["measured_best"]) == set(result["measured"])
     assert all(v > 0 for v in result["measured"].values())
     text = format_comparison(result)
     assert "decode tokens/s" in text and "theoretical" in text
