@@ -102,6 +102,7 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--linear-repeats", type=int, default=9)
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--device", default="cpu")
@@ -125,6 +126,7 @@ def main() -> None:
         prompt=args.prompt,
         new_tokens=args.new_tokens,
         repeats=args.repeats,
+        linear_repeats=args.linear_repeats,
         threads=args.threads,
     )
     dense = rankcut.load(args.model, device=args.device)

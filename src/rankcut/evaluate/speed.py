@@ -213,20 +213,24 @@ def _prefill(model: nn.Module, ids: torch.Tensor):
 
 
 @torch.no_grad()
-def _decode_seconds(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> float:
-    """Seconds of ``new_tokens`` greedy steps after an untimed prefill of ``ids``."""
+def _prefill_and_decode(model: nn.Module, ids: torch.Tensor, new_tokens: int):
+    """``(prefill_seconds, decode_seconds)``: the prompt, then ``new_tokens`` greedy steps
+    that reuse its KV cache (one token per sequence per step)."""
     device = ids.device
+    _sync(device)
+    start = time.perf_counter()
     out = _prefill(model, ids)
+    _sync(device)
+    prefill = time.perf_counter() - start
     past = out.past_key_values
     token = out.logits[:, -1:].argmax(-1)
-    _sync(device)
     start = time.perf_counter()
     for _ in range(new_tokens):
         out = model(input_ids=token, past_key_values=past, use_cache=True)
         past = out.past_key_values
         token = out.logits[:, -1:].argmax(-1)
     _sync(device)
-    return time.perf_counter() - start
+    return prefill, time.perf_counter() - start
 
 
 def _in_features(module: nn.Module) -> int:
@@ -299,15 +303,13 @@ def measure(
 
     for model in models.values():  # warm-up: allocator, kernels, caches
         for _ in range(s.warmup):
-            _timed(lambda model=model: _prefill(model, ids), device)
-            _decode_seconds(model, ids, min(4, s.new_tokens))
+            _prefill_and_decode(model, ids, min(4, s.new_tokens))
     for _ in tqdm(range(s.repeats), desc="speed", disable=not progress, leave=False):
         for key, model in models.items():
             with PeakMemory(device) as mem:
-                samples[key]["prefill"].append(
-                    _timed(lambda model=model: _prefill(model, ids), device)
-                )
-                samples[key]["decode"].append(_decode_seconds(model, ids, s.new_tokens))
+                prefill, decode = _prefill_and_decode(model, ids, s.new_tokens)
+            samples[key]["prefill"].append(prefill)
+            samples[key]["decode"].append(decode)
             if mem.peak is not None:
                 peaks[key].append(mem.peak)
     for _ in range(s.linear_repeats):
