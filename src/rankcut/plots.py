@@ -98,7 +98,19 @@ def layer_heatmap(
         for name, text in annotations.items():
             layer, kind = layer_and_kind(name)
             row = layers.index(layer if layer is not None else layers[0])
-            ax.text(kinds.index(kind), row, text, ha="center", va="center", fontsize=5, color="w")
+            value = values.get(name, np.nan)
+            bright = np.isfinite(value) and value > np.nanmin(grid) + 0.6 * np.ptp(
+                grid[np.isfinite(grid)]
+            )
+            ax.text(
+                kinds.index(kind),
+                row,
+                text,
+                ha="center",
+                va="center",
+                fontsize=5,
+                color="k" if bright else "w",
+            )
     fig.colorbar(im, ax=ax, label=label)
     return _save(fig, path)
 

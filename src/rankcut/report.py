@@ -38,7 +38,7 @@ def _sections(meta: dict) -> list[tuple[str, list[list[str]] | str]]:
     sections: list[tuple[str, list[list[str]] | str]] = []
     cfg = meta.get("method_config") or {}
     calib = meta.get("calibration") or {}
-    summary = [["source model", str(meta.get("source_model", "?"))]]
+    summary = [["setting", "value"], ["source model", str(meta.get("source_model", "?"))]]
     summary += [[k, json.dumps(v)] for k, v in cfg.items() if k not in ("version",)]
     if calib:
         summary.append(
@@ -59,7 +59,7 @@ def _sections(meta: dict) -> list[tuple[str, list[list[str]] | str]]:
     ppl = meta.get("perplexity")
     if ppl:
         rows = [["", "perplexity"]]
-        rows += [[k, f"{v:.3f}"] for k, v in ppl.items() if isinstance(v, (int, float))]
+        rows += [[k, f"{ppl[k]:.3f}"] for k in ("dense", "compressed") if k in ppl]
         sections.append((f"Perplexity ({ppl.get('data', 'held-out text')})", rows))
     layers = meta.get("layers", {})
     if layers:
@@ -71,7 +71,8 @@ def _sections(meta: dict) -> list[tuple[str, list[list[str]] | str]]:
             "r (m + n) / (m n) (1 = dense); numbers: ranks (D = dense)."
         )
         sections.append(("Ranks per layer", text))
-    phases = dict(meta.get("phases") or {})
+    # rankcut.json sorts its keys: put the phases back in the order they run.
+    phases = dict(sorted((meta.get("phases") or {}).items(), key=lambda kv: _phase_rank(kv[0])))
     if meta.get("recovery", {}).get("seconds") is not None:
         phases["recovery fine-tuning"] = meta["recovery"]["seconds"]
     if phases:
@@ -86,6 +87,20 @@ def _sections(meta: dict) -> list[tuple[str, list[list[str]] | str]]:
         ]
         sections.append(("Recovery fine-tuning", rows))
     return sections
+
+
+PHASE_ORDER = (
+    "loading",
+    "evaluation (dense)",
+    "statistics",
+    "allocation",
+    "factorization",
+    "evaluation (compressed)",
+)
+
+
+def _phase_rank(name: str) -> int:
+    return PHASE_ORDER.index(name) if name in PHASE_ORDER else len(PHASE_ORDER)
 
 
 def _md_table(rows: list[list[str]]) -> str:
