@@ -144,7 +144,11 @@ def main() -> None:
         print(f"\n== ratio {ratio} ({folder})\n{format_comparison(result)}", flush=True)
         rows.append(result)
         del model
+        write(args, extra, rows)  # after every ratio: a cut-short run keeps what it measured
+    print(f"\nwrote {RESULTS / args.name}.md and .json")
 
+
+def write(args, extra: dict, rows: list[dict]) -> None:
     command = "python benchmarks/speed.py " + " ".join(sys.argv[1:])
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     RESULTS.mkdir(exist_ok=True)
@@ -162,7 +166,6 @@ def main() -> None:
         json.dumps({"meta": meta, "runs": rows}, indent=2) + "\n"
     )
     (RESULTS / f"{args.name}.md").write_text(render(meta, rows, args.note))
-    print(f"\nwrote {RESULTS / args.name}.md and .json")
 
 
 def render(meta: dict, rows: list[dict], note: str) -> str:
