@@ -138,6 +138,8 @@ def _allocation_input(
         ratio=config.ratio,
         min_rank_fraction=config.min_rank_fraction,
         options=dict(config.allocation_options),
+        rank_multiple=config.rank_multiple,
+        min_speedup=config.min_speedup,
     )
     if not allocator.needs:
         return inp
@@ -241,10 +243,12 @@ def compress(
     else:
         _check_given_stats(stats, modules, needs)
         stats = dict(stats)  # the pipeline releases entries as it goes; keep the caller's
+    phases = {"statistics": time.perf_counter() - start}
     inp = _allocation_input(
         model, modules, shapes, stats, allocator, spec, config, calibration, progress
     )
     ranks = allocate(config.allocation, inp) if modules else {}
+    phases["allocation"] = time.perf_counter() - start - phases["statistics"]
     for name in ranks:
         override = _pattern_rank(name, config.rank_pattern)
         if override is not None:
@@ -274,8 +278,10 @@ def compress(
         "targeted_before": targeted_before,
         "targeted_after": targeted_after,
     }
+    seconds = time.perf_counter() - start
+    phases["factorization"] = seconds - phases["statistics"] - phases["allocation"]
     result = CompressionResult(
-        model, config, final_ranks, kept, params, time.perf_counter() - start
+        model, config, final_ranks, kept, params, seconds, extra={"phases": phases}
     )
     model.rankcut_meta = {"method_config": config.to_dict(), "params": params}
     return result

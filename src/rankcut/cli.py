@@ -38,6 +38,7 @@ COMPRESS_DEFAULTS = {
     "recover_lr": 1e-4,
     "recover_lora": 0,
     "distill": 1.0,
+    "eval_data": None,
 }
 
 
@@ -143,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="recovery: share of distillation from the dense model in the loss (1.0; 0 = CE only)",
     )
+    c.add_argument(
+        "--eval-data",
+        help="held-out text: perplexity before and after (4096 tokens) in the report",
+    )
     e = sub.add_parser("eval", help="held-out perplexity and parameter counts")
     e.add_argument("model", metavar="MODEL_OR_DIR")
     e.add_argument(
@@ -190,6 +195,43 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     f.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
 
+    b = sub.add_parser("bench", help="prefill/decode speed and memory, against a baseline")
+    b.add_argument("model", metavar="MODEL_OR_DIR")
+    b.add_argument(
+        "--baseline",
+        help="dense model timed alternately in the same run ('source': the rankcut "
+        "folder's source_model)",
+    )
+    b.add_argument("--batch", type=int, default=1, help="sequences (1)")
+    b.add_argument("--prompt", type=int, default=512, help="prefill tokens per sequence (512)")
+    b.add_argument("--new-tokens", type=int, default=128, help="decoded tokens (128)")
+    b.add_argument("--repeats", type=int, default=5, help="alternating timed runs (5)")
+    b.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    b.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    b.add_argument("--json", action="store_true", help="print one JSON object")
+    x = sub.add_parser("export", help="write a compressed model for other tools")
+    x.add_argument("model", metavar="DIR", help="a rankcut output folder")
+    x.add_argument(
+        "--merge",
+        action="store_true",
+        help="multiply the factors back: a plain dense Hugging Face checkpoint",
+    )
+    x.add_argument("--out", required=True, help="output folder")
+    x.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    i = sub.add_parser("inspect", help="singular-value spectra, effective rank, low-rank test")
+    i.add_argument("model", metavar="MODEL_OR_DIR")
+    i.add_argument("--calib", help="calibration text for whitened spectra (default: raw only)")
+    i.add_argument("--samples", type=int, default=8, help="calibration windows (8)")
+    i.add_argument("--seq-len", type=int, default=512, help="tokens per window (512)")
+    i.add_argument("--seed", type=int, default=0)
+    i.add_argument(
+        "--ratios", type=float, nargs="+", default=[0.2, 0.4], help="energy kept at these (0.2 0.4)"
+    )
+    i.add_argument("--beta-min", type=float, default=0.1, help="low-rank threshold (0.1)")
+    i.add_argument("--targets", nargs="+", help="regexes of modules to inspect")
+    i.add_argument("--exclude", nargs="+", help="regexes of modules to skip")
+    i.add_argument("--out", help="folder for inspect.md/.json and PNG plots")
+    i.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     sub.add_parser("methods", help="list registered methods")
     return parser
 
@@ -231,7 +273,7 @@ def _read_recipe(path: str) -> dict:
         )
         if ok and expected[0] == (list,):
             ok = all(isinstance(v, str) for v in value)
-        if not ok and not (value is None and key in ("out", "device", "targets")):
+        if not ok and not (value is None and key in ("out", "device", "targets", "eval_data")):
             raise RankcutError(f"recipe {path}: {key!r} must be {expected[1]}, got {value!r}")
     return data
 
@@ -258,6 +300,7 @@ RECIPE_TYPES = {
     "recover_lr": ((int, float), "a number"),
     "recover_lora": ((int,), "an integer"),
     "distill": ((int, float), "a number"),
+    "eval_data": ((str,), "a string"),
 }
 
 
@@ -293,6 +336,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     import torch
 
     from . import api, io
+    from .data import load_text
     from .data.generated import resolve_spec, validate_spec, windows_from_spec
     from .methods import get_method
     from .models import resolve
@@ -320,6 +364,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     calib_spec = str(opts["calib"])
     if needs_data:
         validate_spec(calib_spec)  # before loading the model
+    heldout = load_text(str(opts["eval_data"])) if opts["eval_data"] else None
+    started = time.perf_counter()
     tokenizer = io.load_tokenizer(str(opts["model"]))
     model = io.load(str(opts["model"]), device=device)
     calib_spec = opts["calib"] = resolve_spec(calib_spec, model)
@@ -335,7 +381,10 @@ def cmd_compress(args: argparse.Namespace) -> int:
             progress=not args.quiet,
         )
     teacher = copy.deepcopy(model) if recover and opts["distill"] > 0 else None
+    phases = {"loading": time.perf_counter() - started}
+    ppl = _compress_eval(model, tokenizer, heldout, opts, args.quiet, phases, "dense")
     result = api.compress(model, config, calib, progress=not args.quiet)
+    phases.update(result.extra.get("phases", {}))
     print(result.summary())
     extra = {
         "source_model": str(opts["model"]),
@@ -367,6 +416,16 @@ def cmd_compress(args: argparse.Namespace) -> int:
             lora_rank=opts["recover_lora"],
         )
         del teacher
+    if heldout is not None:
+        ppl.update(
+            _compress_eval(model, tokenizer, heldout, opts, args.quiet, phases, "compressed")
+        )
+        print(
+            f"held-out perplexity ({opts['eval_data']}): {ppl['dense']:.3f} -> "
+            f"{ppl['compressed']:.3f}"
+        )
+        extra["perplexity"] = ppl
+    extra["phases"] = {k: round(v, 3) for k, v in phases.items()}
     recipe = {**opts, "out": str(out)}
     io.save(
         result.model,
@@ -376,8 +435,27 @@ def cmd_compress(args: argparse.Namespace) -> int:
         extra=extra,
         files={"recipe.json": json.dumps(recipe, indent=2) + "\n"},
     )
+    _write_report(out)
     print(f"saved to {out}")
     return 0
+
+
+def _compress_eval(model, tokenizer, heldout, opts, quiet, phases, label) -> dict:
+    """Held-out perplexity for the report, timed as its own phase (nothing without text)."""
+    if heldout is None:
+        return {}
+    from .evaluate import perplexity
+
+    start = time.perf_counter()
+    value = perplexity(model, tokenizer, heldout, tokens=4096, seq_len=512, progress=not quiet)
+    phases[f"evaluation ({label})"] = time.perf_counter() - start
+    return {"data": str(opts["eval_data"]), label: value["perplexity"]}
+
+
+def _write_report(out) -> None:
+    from .report import write_report
+
+    write_report(out)
 
 
 def _run_recovery(
@@ -517,6 +595,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         extra=keep,
         files=files,
     )
+    _write_report(out)
     print(f"saved to {out}")
     return 0
 
@@ -567,6 +646,89 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from . import io
+    from .evaluate.speed import SpeedSettings, compare, format_comparison
+
+    for name in ("batch", "prompt", "new_tokens", "repeats"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
+    device = _device(args.device)
+    kind, location = io.hf_location(args.model)
+    baseline_spec = args.baseline
+    if baseline_spec == "source":
+        if kind != "rankcut":
+            raise RankcutError("--baseline source needs a rankcut output folder as MODEL")
+        baseline_spec = io.read_meta(location).get("source_model")
+        if not baseline_spec:
+            raise RankcutError("no source_model in rankcut.json; name --baseline explicitly")
+    if baseline_spec:
+        io.hf_location(baseline_spec)
+    model = io.load(args.model, device=device)
+    baseline = io.load(baseline_spec, device=device) if baseline_spec else None
+    settings = SpeedSettings(
+        batch=args.batch,
+        prompt=args.prompt,
+        new_tokens=args.new_tokens,
+        repeats=args.repeats,
+        threads=args.threads,
+    )
+    result = compare(model, baseline, settings, progress=not args.quiet)
+    result.update(model_spec=args.model, baseline_spec=baseline_spec)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(format_comparison(result))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from . import io
+
+    if not args.merge:
+        raise ConfigError(
+            "export writes merged dense checkpoints only: pass --merge (a factorized "
+            "folder is already loadable with rankcut.load)"
+        )
+    io.check_output_dir(args.out, args.overwrite)
+    out = io.export_merged(args.model, args.out, overwrite=args.overwrite)
+    print(f"saved a dense Hugging Face checkpoint to {out}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from . import io
+    from .analysis import format_table, inspect_model, write_inspect
+    from .rank.budget import check_ratio
+
+    for ratio in args.ratios:
+        check_ratio(ratio)
+    device = _device(args.device)
+    io.hf_location(args.model)
+    calib = None
+    if args.calib:
+        from .data import calibration_windows, load_text
+
+        text = load_text(args.calib)
+        tokenizer = io.load_tokenizer(args.model)
+        calib = calibration_windows(text, tokenizer, args.samples, args.seq_len, args.seed)
+    model = io.load(args.model, device=device)
+    info = inspect_model(
+        model,
+        calib,
+        tuple(args.ratios),
+        beta_min=args.beta_min,
+        targets=args.targets,
+        exclude=args.exclude,
+        progress=not args.quiet,
+    )
+    print(format_table(info))
+    if args.out:
+        for path in write_inspect(info, args.out, title=str(args.model)):
+            print(f"wrote {path}")
+    return 0
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     from .methods import METHODS
 
@@ -592,6 +754,9 @@ COMMANDS = {
     "eval": cmd_eval,
     "finetune": cmd_finetune,
     "methods": cmd_methods,
+    "bench": cmd_bench,
+    "export": cmd_export,
+    "inspect": cmd_inspect,
 }
 
 

@@ -261,3 +261,39 @@ def load_tokenizer(spec: str | os.PathLike):
         hint = " (saved without a tokenizer)" if is_rankcut_dir(Path(location)) else ""
         first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
         raise RankcutError(f"cannot load a tokenizer from {spec!r}{hint}: {first}") from err
+
+
+def merge_factors(model: nn.Module) -> nn.Module:
+    """Replace every factorized layer of ``model`` (in place) by its dense product.
+
+    The result is a plain transformers model: same outputs (up to float rounding of
+    ``up @ down``), the dense parameter count, loadable by any tool.
+    """
+    for name, module in factorized_modules(model):
+        replace_module(model, name, module.to_linear())
+    model.rankcut_meta = None
+    return model
+
+
+def export_merged(
+    model_dir: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False
+) -> Path:
+    """Write ``model_dir`` (anything ``load`` accepts) as a plain dense HF checkpoint.
+
+    ``out`` then loads with ``transformers.AutoModelForCausalLM.from_pretrained(out)``
+    (or the model's own class), with the tokenizer when one was saved.
+
+    Example:
+        >>> rankcut.io.export_merged("runs/smollm2-svdllm", "runs/smollm2-dense")  # doctest: +SKIP
+    """
+    check_output_dir(out, overwrite)
+    model = merge_factors(load(model_dir))
+    try:
+        tokenizer = load_tokenizer(model_dir)
+    except RankcutError:
+        tokenizer = None
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(out)

@@ -18,6 +18,9 @@ from ..calibrate import LayerStats
 from ..errors import ConfigError
 
 PIPELINES = ("whole", "sequential")
+#: Measured on a 2-core CPU with SmolLM2-135M's shapes (benchmarks/rank_multiples.py).
+DEFAULT_RANK_MULTIPLE = 8
+DEFAULT_MIN_SPEEDUP = 1.1
 
 
 @dataclass
@@ -44,6 +47,12 @@ class MethodConfig:
             ``W_ls = W C^T G'^-1``, then the method factorizes ``W_ls``; with ``svd-llm``
             this is the exact reduced-rank regression). ``False`` only takes the
             statistics from the compressed prefix.
+        rank_multiple: ranks (from any allocator) are rounded down to a multiple of this
+            when at least 4 multiples, and the budget refilled in such steps; ``1``
+            turns it off. Default measured in ``benchmarks/results/rank_multiples.md``.
+        min_speedup: a matrix stays dense unless its rank cuts its multiply-adds by at
+            least this factor (near ``mn / (m + n)`` two thin products are slower than
+            one dense product); ``1.0`` only requires saving parameters.
     """
 
     method: ClassVar[str] = ""
@@ -60,6 +69,8 @@ class MethodConfig:
     allocation_options: dict[str, Any] = field(default_factory=dict)
     pipeline: str = "whole"
     refit: bool = True
+    rank_multiple: int = DEFAULT_RANK_MULTIPLE
+    min_speedup: float = DEFAULT_MIN_SPEEDUP
 
     def __post_init__(self) -> None:
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)):
@@ -90,6 +101,15 @@ class MethodConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ConfigError(f"{name} must be > 0, got {value!r}")
+        if isinstance(self.rank_multiple, bool) or not isinstance(self.rank_multiple, int):
+            raise ConfigError(f"rank_multiple must be an integer, got {self.rank_multiple!r}")
+        if self.rank_multiple < 1:
+            raise ConfigError(f"rank_multiple must be >= 1, got {self.rank_multiple}")
+        if isinstance(self.min_speedup, bool) or not isinstance(self.min_speedup, (int, float)):
+            raise ConfigError(f"min_speedup must be a number, got {self.min_speedup!r}")
+        if not 1.0 <= self.min_speedup < 10.0:
+            raise ConfigError(f"min_speedup must be in [1, 10), got {self.min_speedup}")
+        self.min_speedup = float(self.min_speedup)
         if not isinstance(self.refit, bool):
             raise ConfigError(f"refit must be true or false, got {self.refit!r}")
         if self.pipeline not in PIPELINES:

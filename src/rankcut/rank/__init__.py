@@ -1,11 +1,11 @@
 """Rank allocators: ``dict[module_name, rank]`` from shapes, spectra and a global budget."""
 
+from ..decompose.spectrum import decay_exponent
 from .allocators import (
     ALLOCATORS,
     AllocationInput,
     AllocatorSpec,
     allocate,
-    decay_exponent,
     elbow_index,
     register_allocator,
 )

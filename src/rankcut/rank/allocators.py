@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from ..decompose.spectrum import DEFAULT_BETA_MIN, is_low_rank
 from ..errors import ConfigError, RankcutError
 from .budget import (
     Shape,
@@ -25,6 +26,7 @@ from .budget import (
     greedy_fill,
     max_saving_rank,
     rank_for_ratio,
+    speed_round,
     total_cost,
 )
 
@@ -42,6 +44,8 @@ class AllocationInput:
         loss_table: ``{module: {candidate_ratio: calibration-loss increase}}``.
         min_rank_fraction: floor per module, as a fraction of its uniform rank.
         options: allocator-specific knobs.
+        rank_multiple, min_speedup: speed-aware post-step applied to every allocator's
+            result (see ``budget.speed_round``); ``1`` and ``1.0`` turn it off.
     """
 
     shapes: dict[str, Shape]
@@ -51,6 +55,8 @@ class AllocationInput:
     loss_table: dict[str, dict[float, float]] | None = None
     min_rank_fraction: float = 0.25
     options: dict = field(default_factory=dict)
+    rank_multiple: int = 1
+    min_speedup: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -82,6 +88,19 @@ def allocate(name: str, inp: AllocationInput) -> dict[str, int]:
             raise RankcutError(f"allocation {name!r} needs {need}")
     ranks = spec.fn(inp)
     limit = budget(inp.shapes, inp.ratio)
+    if inp.rank_multiple > 1 or inp.min_speedup > 1.0:
+        scores = inp.component_scores
+        if scores is None and inp.spectra is not None:
+            scores = _relative_energy(inp.spectra)
+        ranks = speed_round(
+            inp.shapes,
+            ranks,
+            limit,
+            inp.rank_multiple,
+            inp.min_speedup,
+            scores,
+            floors(inp.shapes, inp.ratio, inp.min_rank_fraction),
+        )
     spent = total_cost(inp.shapes, ranks)
     if spent > limit:
         raise RankcutError(
@@ -176,32 +195,20 @@ def elbow(inp: AllocationInput) -> dict[str, int]:
     return _finish(inp, ranks, _relative_energy(inp.spectra))
 
 
-def decay_exponent(s: Tensor) -> float:
-    """Power-law decay ``s_i ~ i^-beta`` fitted on the top half of a spectrum (log-log LS).
-
-    A flat spectrum gives 0 (no low-rank structure); heavy-tailed, fast-decaying
-    spectra give large ``beta``.
-    """
-    s = s.to(torch.float64)
-    s = s[s > s[0] * 1e-12]
-    half = max(2, s.numel() // 2)
-    y = torch.log(s[:half])
-    x = torch.log(torch.arange(1, half + 1, dtype=torch.float64))
-    x = x - x.mean()
-    return float(-(x * (y - y.mean())).sum() / (x * x).sum().clamp_min(1e-300))
-
-
 @register_allocator(
     "heavy-tail",
     needs=("spectra",),
     summary="WeLore-style: matrices without a decaying spectrum stay dense, the rest share the cut",
 )
 def heavy_tail(inp: AllocationInput) -> dict[str, int]:
-    beta_min = float(inp.options.get("beta_min", 0.1))
-    betas = {k: decay_exponent(inp.spectra[k]) for k in inp.shapes}
+    beta_min = float(inp.options.get("beta_min", DEFAULT_BETA_MIN))
     limit = budget(inp.shapes, inp.ratio)
     fl = floors(inp.shapes, inp.ratio, inp.min_rank_fraction)
-    low_rank = [k for k in inp.shapes if betas[k] >= beta_min and max_saving_rank(*inp.shapes[k])]
+    low_rank = [
+        k
+        for k in inp.shapes
+        if max_saving_rank(*inp.shapes[k]) and is_low_rank(inp.spectra[k], beta_min)
+    ]
     dense = {k: 0 for k in inp.shapes if k not in low_rank}
     lrc_floor = {k: 1 for k in low_rank}
     if total_cost(inp.shapes, {**dense, **lrc_floor}) > limit:

@@ -135,3 +135,104 @@ def bisect_to_budget(
         else:
             hi = mid
     return best
+
+
+def fast_rank_cap(m: int, n: int, min_speedup: float) -> int:
+    """Largest rank whose multiply-adds ``r (m + n)`` are at most ``m n / min_speedup``.
+
+    Example:
+        >>> fast_rank_cap(576, 576, 1.25)
+        230
+    """
+    return min(math.floor(m * n / ((m + n) * min_speedup)), max_saving_rank(m, n))
+
+
+def round_rank(rank: int, multiple: int) -> int:
+    """``rank`` rounded down to ``multiple``; ranks below ``4 * multiple`` stay as they are.
+
+    Rounding a rank that small would cut a large share of it (more than a quarter) for
+    no measurable speed: kernels only care about alignment once the factors are wide.
+
+    Example:
+        >>> round_rank(230, 16), round_rank(20, 16)
+        (224, 20)
+    """
+    if multiple <= 1 or rank < 4 * multiple:
+        return rank
+    return rank // multiple * multiple
+
+
+def speed_round(
+    shapes: dict[str, Shape],
+    ranks: dict[str, int],
+    limit: int,
+    multiple: int = 1,
+    min_speedup: float = 1.0,
+    scores: dict[str, Tensor] | None = None,
+    floor: dict[str, int] | None = None,
+) -> dict[str, int]:
+    """Make an allocation pay off in time, still within the parameter budget ``limit``.
+
+    1. A matrix whose rank would not make it at least ``min_speedup`` times cheaper in
+       multiply-adds (``m n / (r (m + n))``) stays dense: near the break-even rank the
+       two thin products cost more than the one dense product.
+    2. Other ranks are rounded down to ``multiple`` (see ``round_rank``).
+    3. While over budget, the module whose last ``multiple`` directions are worth least
+       per parameter (``scores``, else the one with the largest rank relative to its
+       allocated rank) loses them, never going below ``floor`` when that is possible.
+    4. What rounding freed is spent again the same way in reverse, ``multiple``
+       directions at a time, never past the speed cap of step 1 nor beyond the
+       original allocation's cost: the post-step moves parameters, it does not add any.
+
+    Ranks stay multiples of ``multiple`` (when not below ``4 * multiple``).
+    """
+    floor = floor or {}
+    target = dict(ranks)
+    caps = {k: fast_rank_cap(m, n, min_speedup) for k, (m, n) in shapes.items()}
+    out = {}
+    for k, r in ranks.items():
+        if r == 0 or r > caps[k]:
+            out[k] = 0
+        else:
+            out[k] = round_rank(r, multiple)
+
+    def up(r: int) -> int:
+        return multiple if multiple > 1 and r >= 4 * multiple else 1
+
+    def down(r: int) -> int:
+        return multiple if multiple > 1 and r - multiple >= 4 * multiple else 1
+
+    def worth(k: str, lo: int, hi: int) -> float:
+        m, n = shapes[k]
+        if scores is not None and k in scores:
+            s = scores[k].to(torch.float64).flatten()
+            return float(s[lo:hi].sum()) / ((hi - lo) * (m + n))
+        return -(hi / max(target[k], 1))  # no spectrum: keep ranks proportional to target
+
+    spent = total_cost(shapes, out)
+    for respect_floor in (True, False):
+        while spent > limit:
+            options = []
+            for k, r in out.items():
+                d = down(r) if r > 1 else 0
+                low = max(floor.get(k, 1), 1) if respect_floor else 1
+                if d and r - d >= low:
+                    options.append((worth(k, r - d, r), k, d))
+            if not options:
+                break
+            _, k, d = min(options)
+            out[k] -= d
+            spent -= d * sum(shapes[k])
+    refill = min(limit, total_cost(shapes, ranks))
+    while True:
+        options = []
+        for k, r in out.items():
+            d = up(r)
+            if r and r + d <= caps[k] and spent + d * sum(shapes[k]) <= refill:
+                options.append((worth(k, r, r + d), k, d))
+        if not options:
+            break
+        _, k, d = max(options)
+        out[k] += d
+        spent += d * sum(shapes[k])
+    return out
