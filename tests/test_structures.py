@@ -273,3 +273,17 @@ def test_random_shapes(method, m, n, rank, seed):
     torch.testing.assert_close(rebuilt(x), layer(x))
     # never worse than dropping the layer entirely
     assert output_error(w, dense, stats) <= output_error(w, torch.zeros_like(w), stats) * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("allocation", ["global", "sensitivity"])
+def test_allocators_apply_to_structures(allocation, windows):
+    """The rank an allocator gives is a budget: the global ratio holds for structures."""
+    config = METHODS["svd-sparse"].config_cls(
+        ratio=0.4, allocation=allocation, allocation_options={"samples": 2, "seq_len": 16}
+    )
+    model = tiny_llama()
+    result = rankcut.compress(model, config, windows, progress=False)
+    layers = dict(factorized_modules(model))
+    assert result.ranks and set(layers) == set(result.ranks)  # the rest stays dense
+    assert all(isinstance(m, SparseLowRankLinear) for m in layers.values())
+    assert result.params["targeted_after"] <= 0.6 * result.params["targeted_before"]

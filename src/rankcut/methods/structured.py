@@ -41,7 +41,7 @@ class AlternatingConfig(WhitenedConfig):
         inner: hard-thresholding steps per sparse-factor update.
     """
 
-    iters: int = 4
+    iters: int = 2
     inner: int = 3
 
     def __post_init__(self) -> None:

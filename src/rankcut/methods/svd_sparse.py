@@ -22,7 +22,7 @@ class SvdSparseConfig(WhitenedConfig):
     """
 
     sparse_share: float = 0.25
-    iters: int = 2
+    iters: int = 1
 
     def __post_init__(self) -> None:
         super().__post_init__()
