@@ -12,8 +12,10 @@ class KroneckerLinear(StructuredLinear):
     """A sum of ``terms`` Kronecker products, ``A_k`` ``(m1, n1)``, ``B_k`` ``(m2, n2)``.
 
     Forward uses ``(A (x) B) vec(X) = vec(A X B^T)`` with the input reshaped to
-    ``(n1, n2)`` (row-major): two batched matmuls, ``K (n1 n2 m2 + m1 n1 m2)``
-    multiply-adds per token instead of ``m1 m2 n1 n2``. Costs ``K (m1 n1 + m2 n2)``.
+    ``(n1, n2)`` (row-major): two batched matmuls, contracting first with whichever
+    factor gives the smaller intermediate: ``K (n1 n2 m2 + m1 n1 m2)`` or
+    ``K (m1 n1 n2 + m1 n2 m2)`` multiply-adds per token instead of ``m1 m2 n1 n2``, which
+    is *more* than dense once ``K`` nears its maximum. Costs ``K (m1 n1 + m2 n2)``.
 
     Example:
         >>> import torch
@@ -67,6 +69,13 @@ class KroneckerLinear(StructuredLinear):
         lead = x.shape[:-1]
         k, m1, n1, m2, n2 = self.terms, self.m1, self.n1, self.m2, self.n2
         xs = x.reshape(-1, n1, n2)
+        if m1 * n2 < n1 * m2:  # contract with A first: the smaller intermediate
+            # Z[t, (k, i), q] = sum_j A_k[i, j] X[t, j, q]
+            z = self.a.reshape(k * m1, n1) @ xs
+            z = z.reshape(-1, k, m1, n2).permute(0, 2, 1, 3).reshape(-1, m1, k * n2)
+            # Y[t, i, p] = sum_{k, q} Z[t, i, (k, q)] B_k[p, q]
+            b_cat = self.b.permute(1, 0, 2).reshape(m2, k * n2)
+            return (z @ b_cat.T).reshape(*lead, m1 * m2)
         # Z[t, j, (k, p)] = sum_q X[t, j, q] B_k[p, q]
         z = xs @ self.b.reshape(k * m2, n2).T
         z = z.reshape(-1, n1, k, m2).permute(0, 2, 1, 3).reshape(-1, k * n1, m2)
