@@ -58,6 +58,15 @@ def _pattern_rank(name: str, patterns: dict[str, int]) -> int | None:
     return None
 
 
+def _stored_weight_params(layer: nn.Module) -> int:
+    """Parameters a factorized layer stores for its weight (indices included, bias not)."""
+    from .layers import StructuredLinear
+
+    # LowRankLinear keeps the bias on its ``up`` factor, structured layers on themselves.
+    bias = layer.bias if isinstance(layer, StructuredLinear) else layer.up.bias
+    return layer.num_params() - (bias.numel() if bias is not None else 0)
+
+
 def _check_finite_weights(modules: dict[str, nn.Module]) -> None:
     for name, module in modules.items():
         if not bool(torch.isfinite(dense_weight(module)).all()):
@@ -181,8 +190,7 @@ def _measure_loss_table(model, modules, stats, spec, config, calibration, progre
         rank = rank_for_ratio(m, n, ratio)
         if rank == 0:
             return None
-        up, down = spec.factorize(weight, stats[name], rank, config, name)
-        return up @ down
+        return spec.approximate(weight, stats[name], rank, config, name)
 
     return loss_table(model, modules, windows, truncate, candidates, progress=progress)
 
@@ -270,7 +278,9 @@ def compress(
         m * n for m, n in (dense_shape(model.get_submodule(t)) for t in tied)
     )
     targeted_after = targeted_before - sum(
-        m * n - final_ranks[name] * (m + n) for name, (m, n) in shapes.items() if name in todo
+        m * n - _stored_weight_params(model.get_submodule(name))
+        for name, (m, n) in shapes.items()
+        if name in todo
     )
     params = {
         "model_before": before["params_total"],

@@ -21,7 +21,7 @@ from .calibrate import InputStats, LayerStats, collect_layer_stats
 from .calibrate.sequential import capture_block_inputs, module_input, run_block
 from .decompose import psd_cholesky
 from .errors import RankcutError
-from .layers import LowRankLinear, dense_weight
+from .layers import dense_weight
 from .methods import MethodConfig, MethodSpec
 from .models import find_decoder_layers, replace_module
 
@@ -49,14 +49,14 @@ def factorize_into(
     spec: MethodSpec,
     config: MethodConfig,
 ) -> None:
-    """Factorize ``weight`` (float64 ``(out, in)``) with the method; swap in a LowRankLinear."""
+    """Factorize ``weight`` (float64 ``(out, in)``) with the method; swap in its layer
+    (a LowRankLinear, or the structured layer a ``build`` method returns)."""
     dtype = dense_weight(module).dtype
-    with torch.no_grad():
-        up, down = spec.factorize(weight, stats, rank, config, name)
-    if not (bool(torch.isfinite(up).all()) and bool(torch.isfinite(down).all())):
-        raise RankcutError(f"{spec.name} produced non-finite factors for {name}")
     bias = module.bias.detach() if module.bias is not None else None
-    layer = LowRankLinear.from_factors(up, down, bias, dtype=dtype)
+    with torch.no_grad():
+        layer = spec.make_layer(weight, stats, rank, config, name, bias=bias, dtype=dtype)
+    if not all(bool(torch.isfinite(p).all()) for p in layer.parameters()):
+        raise RankcutError(f"{spec.name} produced non-finite factors for {name}")
     replace_module(model, name, layer.to(dense_weight(module).device))
 
 

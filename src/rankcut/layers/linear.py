@@ -6,6 +6,7 @@ works on the ``nn.Linear`` convention ``(out, in)``.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 
@@ -36,3 +37,16 @@ def dense_shape(module: nn.Module) -> tuple[int, int]:
     """``(out_features, in_features)`` of a dense linear layer."""
     out_features, in_features = dense_weight(module).shape
     return int(out_features), int(in_features)
+
+
+def linear_from(weight: Tensor, bias: Tensor | None) -> nn.Linear:
+    """A dense ``nn.Linear`` holding copies of ``weight`` ``(out, in)`` and ``bias``."""
+    out_features, in_features = weight.shape
+    linear = nn.Linear(
+        in_features, out_features, bias=bias is not None, device=weight.device, dtype=weight.dtype
+    )
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if bias is not None:
+            linear.bias.copy_(bias)
+    return linear

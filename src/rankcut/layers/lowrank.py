@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .linear import dense_weight
+from .linear import dense_weight, linear_from
 
 
 class LowRankLinear(nn.Module):
@@ -84,19 +84,7 @@ class LowRankLinear(nn.Module):
 
     def to_linear(self) -> nn.Linear:
         """An equivalent dense ``nn.Linear``."""
-        w = self.weight_product()
-        linear = nn.Linear(
-            self.in_features,
-            self.out_features,
-            bias=self.up.bias is not None,
-            device=w.device,
-            dtype=w.dtype,
-        )
-        with torch.no_grad():
-            linear.weight.copy_(w)
-            if self.up.bias is not None:
-                linear.bias.copy_(self.up.bias)
-        return linear
+        return linear_from(self.weight_product(), self.up.bias)
 
     def num_params(self) -> int:
         """Parameters stored: ``r (in + out)`` plus the bias."""

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..calibrate import LayerStats
 from ..errors import ConfigError
@@ -139,17 +139,44 @@ class MethodConfig:
 
 
 Factorize = Callable[[Tensor, LayerStats, int, MethodConfig, str], tuple[Tensor, Tensor]]
+#: ``build(weight, stats, rank, config, name, bias) -> layer`` (float64 layer module).
+Build = Callable[[Tensor, LayerStats, int, MethodConfig, str, Tensor | None], nn.Module]
 
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A registered method: its config type, what it needs from calibration, its math."""
+    """A registered method: its config type, what it needs from calibration, its math.
+
+    Low-rank methods have ``factorize`` (two factors, held by a ``LowRankLinear``);
+    structured methods have ``build`` instead, returning any layer registered in
+    ``rankcut.layers.LAYER_TYPES`` (``structure()``/``from_structure()``,
+    ``num_params()``, ``weight_product()``, ``to_linear()``). For them the ``rank`` an
+    allocator gives is a parameter budget of ``rank (out + in)``.
+    """
 
     name: str
     config_cls: type[MethodConfig]
-    factorize: Factorize
+    factorize: Factorize | None
     needs: frozenset[str]
     summary: str
+    build: Build | None = None
+
+    def make_layer(self, weight, stats, rank, config, name, bias=None, dtype=None) -> nn.Module:
+        """The replacement layer for ``weight`` (float64 ``(out, in)``), cast to ``dtype``."""
+        from ..layers import LowRankLinear
+
+        if self.build is None:
+            up, down = self.factorize(weight, stats, rank, config, name)
+            return LowRankLinear.from_factors(up, down, bias, dtype=dtype)
+        layer = self.build(weight, stats, rank, config, name, bias)
+        return layer.to(dtype) if dtype is not None else layer
+
+    def approximate(self, weight, stats, rank, config, name) -> Tensor:
+        """The dense ``(out, in)`` approximation ``W'`` the method makes of ``weight``."""
+        if self.build is None:
+            up, down = self.factorize(weight, stats, rank, config, name)
+            return up @ down
+        return self.build(weight, stats, rank, config, name, None).weight_product()
 
 
 METHODS: dict[str, MethodSpec] = {}
@@ -167,6 +194,23 @@ def register_method(
     def wrap(fn: Factorize) -> Factorize:
         config_cls.method = name
         METHODS[name] = MethodSpec(name, config_cls, fn, frozenset(needs), summary)
+        return fn
+
+    return wrap
+
+
+def register_structure(
+    name: str, config_cls: type[MethodConfig], needs: tuple[str, ...] = (), summary: str = ""
+) -> Callable[[Build], Build]:
+    """Register ``build(weight, stats, rank, config, module_name, bias) -> layer``.
+
+    For methods whose result is not one low-rank product (see ``rankcut.layers``):
+    ``rank`` is the parameter budget ``rank (out + in)`` the layer may store.
+    """
+
+    def wrap(fn: Build) -> Build:
+        config_cls.method = name
+        METHODS[name] = MethodSpec(name, config_cls, None, frozenset(needs), summary, build=fn)
         return fn
 
     return wrap
