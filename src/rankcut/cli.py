@@ -134,6 +134,22 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="recovery: share of distillation from the dense model in the loss (1.0; 0 = CE only)",
     )
+    c.add_argument(
+        "--offload-dir",
+        help="streaming: folder for the resume state and the calibration activations "
+        "(default: beside --out)",
+    )
+    c.add_argument(
+        "--offload-mb",
+        type=float,
+        default=1024,
+        help="streaming: activations above this size (MiB) are read back from disk (1024)",
+    )
+    c.add_argument(
+        "--in-memory",
+        action="store_true",
+        help="load the whole model even for a safetensors folder with --pipeline sequential",
+    )
     e = sub.add_parser("eval", help="held-out perplexity and parameter counts")
     e.add_argument("model", metavar="MODEL_OR_DIR")
     e.add_argument(
@@ -300,6 +316,10 @@ def cmd_compress(args: argparse.Namespace) -> int:
     calib = None
     if needs_data:
         calib = calibration_windows(text, tokenizer, opts["samples"], opts["seq_len"], opts["seed"])
+    if _streams(opts, config, args):
+        if recover:
+            raise ConfigError("--recover needs the whole model; use it with --in-memory")
+        return _compress_streaming(opts, config, args, calib, tokenizer, device, out)
     model = io.load(str(opts["model"]), device=device)
     teacher = copy.deepcopy(model) if recover and opts["distill"] > 0 else None
     result = api.compress(model, config, calib, progress=not args.quiet)
@@ -340,6 +360,72 @@ def cmd_compress(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         extra=extra,
         files={"recipe.json": json.dumps(recipe, indent=2) + "\n"},
+    )
+    print(f"saved to {out}")
+    return 0
+
+
+def _streams(opts: dict, config, args: argparse.Namespace) -> bool:
+    """Stream (one decoder layer in memory) for a local safetensors folder, sequentially."""
+    from .models import resolve
+    from .streaming import is_safetensors_dir
+
+    if config.pipeline != "sequential" or args.in_memory:
+        return False
+    kind, location = resolve(str(opts["model"]))
+    return kind == "hf-dir" and is_safetensors_dir(location)
+
+
+def _compress_streaming(opts, config, args, calib, tokenizer, device, out) -> int:
+    """``compress`` for a safetensors folder, layer by layer (see ``rankcut.streaming``)."""
+    import dataclasses
+
+    from .rank import ALLOCATORS
+    from .streaming import stream_compress
+
+    if ALLOCATORS[config.allocation].needs and opts["allocation"] == "global":
+        explicit = args.allocation is not None or (
+            args.recipe and "allocation" in _read_recipe(args.recipe)
+        )
+        if not explicit:
+            # The default allocation needs whole-model spectra and gradients: streaming
+            # falls back to uniform ranks (an explicit choice is refused instead).
+            logger.warning(
+                "streaming: allocation 'global' needs the whole model; using 'uniform' "
+                "(pass --in-memory for global allocation)"
+            )
+            config = dataclasses.replace(config, allocation="uniform")
+            opts = {**opts, "allocation": "uniform"}
+    extra = {
+        "source_model": str(opts["model"]),
+        "calibration": {
+            "data": str(opts["calib"]),
+            "samples": opts["samples"],
+            "seq_len": opts["seq_len"],
+            "seed": opts["seed"],
+        },
+    }
+    recipe = {**opts, "out": str(out)}
+    meta = stream_compress(
+        opts["model"],
+        config,
+        calib,
+        out,
+        tokenizer=tokenizer,
+        device=device,
+        work_dir=args.offload_dir,
+        activation_limit_mb=args.offload_mb,
+        overwrite=args.overwrite,
+        extra=extra,
+        files={"recipe.json": json.dumps(recipe, indent=2) + "\n"},
+        progress=not args.quiet,
+    )
+    p = meta["params"]
+    print(
+        f"method {config.method}, ratio {config.ratio}, allocation {config.allocation} "
+        f"(streamed {len(meta['streaming']['layer_seconds'])} layers)\n"
+        f"factorized {len(meta['ranks'])} matrices, kept {len(meta['kept_dense'])} dense\n"
+        f"model params    {p['model_before']:,} -> {p['model_after']:,}"
     )
     print(f"saved to {out}")
     return 0

@@ -138,10 +138,8 @@ def _stage_stats(block, twin, block_name, stage, stage_mods, comp, dense, needs_
     return {n: stats for n in stage}, cross
 
 
-@register_pipeline("sequential")
-def run_sequential(model, todo, ranks, spec, config, calibration, stats=None, progress=True):
-    if calibration is None:
-        raise RankcutError("the sequential pipeline needs calibration data")
+def check_sequential(model, todo) -> list[tuple[str, nn.Module]]:
+    """Decoder blocks of ``model``; every target must lie inside one of them."""
     blocks = find_decoder_layers(model)
     if not blocks:
         raise RankcutError("the sequential pipeline found no decoder blocks in this model")
@@ -150,36 +148,67 @@ def run_sequential(model, todo, ranks, spec, config, calibration, stats=None, pr
         raise RankcutError(
             f"the sequential pipeline only handles decoder-block modules: {outside[:3]}"
         )
+    return blocks
+
+
+def compress_block(model, block_name, block, todo, ranks, spec, config, comp, dense, fisher):
+    """Compress the targets of one decoder block, stage by stage, in place.
+
+    ``comp`` holds the block's inputs from the compressed prefix and ``dense`` (with
+    ``refit``, else ``None``) those of the dense model; both are sequences of
+    ``BlockInputs``. Returns the dense twin of the block (with ``refit``) so the dense
+    stream can be advanced, else ``None``.
+    """
+    needs_gram = "gram" in spec.needs or config.refit
+    needs_abs = "abs_mean" in spec.needs
+    mods = {n: m for n, m in todo.items() if n.startswith(block_name + ".")}
+    twin = copy.deepcopy(block) if config.refit else None
+    if not mods:
+        return twin
+    for stage in _stages(block, mods, comp[0]):
+        stage_mods = {n: mods[n] for n in stage}
+        targets: dict[str, Tensor] = {}
+        inputs, cross = _stage_stats(
+            block, twin, block_name, stage, stage_mods, comp, dense, needs_gram, needs_abs
+        )
+        if config.refit:
+            for n in stage:
+                w = dense_weight(mods[n]).detach().to(torch.float64)
+                targets[n] = _refit_target(w, inputs[n].gram, cross, n)
+        for n in stage:
+            layer_stats = LayerStats(inputs=inputs[n])
+            if n in fisher:
+                layer_stats.fisher_in = fisher[n].fisher_in
+            weight = targets.get(n)
+            if weight is None:
+                weight = dense_weight(mods[n]).detach().to(torch.float64)
+            factorize_into(model, n, mods[n], weight, layer_stats, ranks[n], spec, config)
+    return twin
+
+
+def advance(block, twin, comp, dense):
+    """Outputs of ``block`` (and of its dense ``twin``) on the cached inputs, in order."""
+    comp_out = (b.with_hidden(run_block(block, b)) for b in comp)
+    dense_out = (b.with_hidden(run_block(twin, b)) for b in dense) if twin is not None else None
+    return comp_out, dense_out
+
+
+@register_pipeline("sequential")
+def run_sequential(model, todo, ranks, spec, config, calibration, stats=None, progress=True):
+    if calibration is None:
+        raise RankcutError("the sequential pipeline needs calibration data")
+    blocks = check_sequential(model, todo)
     fisher = {}
     if "fisher" in spec.needs:  # gradients need the whole model: taken once, from the dense one
         fisher = collect_layer_stats(model, todo, calibration, frozenset({"fisher"}), progress)
-    needs_gram = "gram" in spec.needs or config.refit
-    needs_abs = "abs_mean" in spec.needs
     comp = capture_block_inputs(model, blocks[0][1], calibration, batch_size=4)
     dense = list(comp) if config.refit else None
     for block_name, block in tqdm(blocks, desc=f"{spec.name} (sequential)", disable=not progress):
-        mods = {n: m for n, m in todo.items() if n.startswith(block_name + ".")}
-        twin = copy.deepcopy(block) if config.refit else None
-        if mods:
-            for stage in _stages(block, mods, comp[0]):
-                stage_mods = {n: mods[n] for n in stage}
-                targets: dict[str, Tensor] = {}
-                inputs, cross = _stage_stats(
-                    block, twin, block_name, stage, stage_mods, comp, dense, needs_gram, needs_abs
-                )
-                if config.refit:
-                    for n in stage:
-                        w = dense_weight(mods[n]).detach().to(torch.float64)
-                        targets[n] = _refit_target(w, inputs[n].gram, cross, n)
-                for n in stage:
-                    layer_stats = LayerStats(inputs=inputs[n])
-                    if n in fisher:
-                        layer_stats.fisher_in = fisher[n].fisher_in
-                    weight = targets.get(n)
-                    if weight is None:
-                        weight = dense_weight(mods[n]).detach().to(torch.float64)
-                    factorize_into(model, n, mods[n], weight, layer_stats, ranks[n], spec, config)
-        comp = [b.with_hidden(run_block(block, b)) for b in comp]
-        if config.refit:
-            dense = [b.with_hidden(run_block(twin, b)) for b in dense]
+        twin = compress_block(
+            model, block_name, block, todo, ranks, spec, config, comp, dense, fisher
+        )
+        comp_out, dense_out = advance(block, twin, comp, dense)
+        comp = list(comp_out)
+        if dense_out is not None:
+            dense = list(dense_out)
         del twin
