@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -144,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=1024,
         help="streaming: activations above this size (MiB) are read back from disk (1024)",
+    )
+    c.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="streaming: run on N processes through torchrun (gloo on CPU, NCCL on GPUs)",
     )
     c.add_argument(
         "--in-memory",
@@ -292,6 +299,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from .models import resolve
     from .rank import ALLOCATORS
 
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _launch_torchrun(args)
     opts = resolve_compress_options(args)
     spec = get_method(opts["method"])
     _check_options(spec, opts["option"])
@@ -320,6 +329,11 @@ def cmd_compress(args: argparse.Namespace) -> int:
         if recover:
             raise ConfigError("--recover needs the whole model; use it with --in-memory")
         return _compress_streaming(opts, config, args, calib, tokenizer, device, out)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise RankcutError(
+            "several processes need the streaming pipeline: a local safetensors folder "
+            "with --pipeline sequential"
+        )
     model = io.load(str(opts["model"]), device=device)
     teacher = copy.deepcopy(model) if recover and opts["distill"] > 0 else None
     result = api.compress(model, config, calib, progress=not args.quiet)
@@ -376,12 +390,31 @@ def _streams(opts: dict, config, args: argparse.Namespace) -> bool:
     return kind == "hf-dir" and is_safetensors_dir(location)
 
 
+def _launch_torchrun(args: argparse.Namespace) -> int:
+    """``--nproc N``: the same command under ``torchrun --standalone --nproc-per-node N``."""
+    import subprocess
+
+    argv = list(args.argv)
+    i = argv.index("--nproc") if "--nproc" in argv else None
+    if i is not None:
+        del argv[i : i + 2]
+    else:
+        argv = [a for a in argv if not a.startswith("--nproc=")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    cmd += ["--nproc-per-node", str(args.nproc), "-m", "rankcut", *argv]
+    logger.info("launching: %s", " ".join(cmd))
+    return subprocess.call(cmd)
+
+
 def _compress_streaming(opts, config, args, calib, tokenizer, device, out) -> int:
     """``compress`` for a safetensors folder, layer by layer (see ``rankcut.streaming``)."""
     import dataclasses
 
+    from .distributed import init_from_env
     from .rank import ALLOCATORS
     from .streaming import stream_compress
+
+    dist = init_from_env(device)
 
     if ALLOCATORS[config.allocation].needs and opts["allocation"] == "global":
         explicit = args.allocation is not None or (
@@ -419,11 +452,19 @@ def _compress_streaming(opts, config, args, calib, tokenizer, device, out) -> in
         extra=extra,
         files={"recipe.json": json.dumps(recipe, indent=2) + "\n"},
         progress=not args.quiet,
+        dist=dist,
     )
+    if dist is not None:
+        import torch.distributed
+
+        torch.distributed.destroy_process_group()
+    if meta is None:  # not rank 0: the output is written by rank 0
+        return 0
     p = meta["params"]
     print(
         f"method {config.method}, ratio {config.ratio}, allocation {config.allocation} "
-        f"(streamed {len(meta['streaming']['layer_seconds'])} layers)\n"
+        f"(streamed {len(meta['streaming']['layer_seconds'])} layers, "
+        f"{1 if dist is None else dist.world} process(es))\n"
         f"factorized {len(meta['ranks'])} matrices, kept {len(meta['kept_dense'])} dense\n"
         f"model params    {p['model_before']:,} -> {p['model_after']:,}"
     )
@@ -614,6 +655,7 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .calibrate.sequential import BlockInputs, capture_block_inputs
+from .distributed import Dist, split_windows
 from .errors import RankcutError
 from .io import INDEX_FILE, META_FILE, WEIGHTS_FILE, build_meta, check_output_dir
 from .layers import LAYER_TYPES, dense_weight, factorized_modules
@@ -328,6 +329,11 @@ def _shard_plan(model, blocks, tied) -> tuple[list[list[str]], list[list[str]]]:
     return per_block, groups
 
 
+def _barrier(dist: Dist | None) -> None:
+    if dist is not None:
+        dist.barrier()
+
+
 def stream_compress(
     folder: str | os.PathLike,
     config: MethodConfig,
@@ -343,7 +349,8 @@ def stream_compress(
     files: dict[str, str] | None = None,
     reader: CheckpointReader | None = None,
     progress: bool = True,
-) -> dict:
+    dist: Dist | None = None,
+) -> dict | None:
     """Compress the safetensors checkpoint in ``folder`` block by block into ``out``.
 
     Never holds more than one decoder block's weights (two copies with ``refit``: the
@@ -360,6 +367,9 @@ def stream_compress(
             ``.OUT.partial`` beside it until the run completes.
         work_dir: where the state and activations go (default ``.OUT.partial/work``).
         activation_limit_mb: streams larger than this are read back from disk.
+
+        dist: the process group (default: the initialized one, if any). Each rank takes
+            its share of ``calibration``; rank 0 writes, the others return ``None``.
 
     Returns:
         The ``rankcut.json`` object written.
@@ -415,8 +425,15 @@ def stream_compress(
     n_shards = len(blocks) + len(rest_groups)
     shard_names = [f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors" for i in range(n_shards)]
 
-    # Resume, or start afresh.
-    fingerprint = _fingerprint(reader, config, calibration, {"rankcut_state": STATE_VERSION})
+    # Resume, or start afresh (rank 0 owns the state; each rank has its activations).
+    dist = dist or Dist.current()
+    main = dist is None or dist.is_main
+    world = 1 if dist is None else dist.world
+    progress = progress and main
+    extra_fp = {"rankcut_state": STATE_VERSION, "processes": world}
+    fingerprint = _fingerprint(reader, config, calibration, extra_fp)
+    calibration = split_windows(calibration, dist)
+    acts = work if main else work / f"rank{dist.rank}"
     state_path = work / "state.json"
     state = {"fingerprint": fingerprint, "done": -1, "layer_seconds": [], "layers": {}}
     if state_path.is_file():
@@ -429,11 +446,15 @@ def stream_compress(
             )
         state = old
         logger.info("resuming after block %d of %d", state["done"] + 1, len(blocks))
-    else:
-        shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True, exist_ok=True)
-    work.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(state_path, json.dumps(state, indent=1))
+    _barrier(dist)
+    if main:
+        if state["done"] < 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True, exist_ok=True)
+        work.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(state_path, json.dumps(state, indent=1))
+    _barrier(dist)
+    acts.mkdir(parents=True, exist_ok=True)
     done = int(state["done"])
 
     # Block-0 inputs: the modules before the first block are loaded when called.
@@ -463,7 +484,7 @@ def stream_compress(
     rest = [(b.args, b.kwargs) for b in captured]
 
     def stream(tag, k, hiddens=None):
-        folder_k = work / f"{tag}-{k}"
+        folder_k = acts / f"{tag}-{k}"
         if hiddens is None:
             return ActivationStore.open(folder_k, rest, limit, device)
         return ActivationStore.write(folder_k, rest, limit, device, hiddens)
@@ -493,17 +514,32 @@ def stream_compress(
                 torch.isfinite(dense_weight(model.get_submodule(n))).all()
             ):
                 raise RankcutError(f"non-finite values in the weight of {n}")
-        twin = compress_block(model, block_name, block, todo, ranks, spec, config, comp, dense, {})
+        twin = compress_block(
+            model,
+            block_name,
+            block,
+            todo,
+            ranks,
+            spec,
+            config,
+            comp,
+            dense,
+            {},
+            dist=dist,
+            release=lambda m: _release(model, m),
+        )
         comp_out, dense_out = advance(block, twin, comp, dense)
         new_comp = stream("comp", k, (b.hidden for b in comp_out))
         new_dense = stream("dense", k, (b.hidden for b in dense_out)) if twin is not None else None
         del twin
-        tensors = {
-            f"{block_name}.{n}": t.detach().contiguous().cpu()
-            for n, t in block.state_dict().items()
-        }
-        _atomic_save(tensors, partial / shard_names[k])
-        del tensors
+        _barrier(dist)  # every rank's activations are on disk before the state moves on
+        if main:
+            tensors = {
+                f"{block_name}.{n}": t.detach().contiguous().cpu()
+                for n, t in block.state_dict().items()
+            }
+            _atomic_save(tensors, partial / shard_names[k])
+            del tensors
         for name, m in factorized_modules(block):
             state["layers"][f"{block_name}.{name}"] = m.structure()
         _release(model, block)
@@ -512,7 +548,9 @@ def stream_compress(
                 _release(model, m)  # the replaced dense linears (still referenced by todo)
         state["done"] = k
         state["layer_seconds"].append(round(time.perf_counter() - t0, 3))
-        _atomic_write_text(state_path, json.dumps(state, indent=1))
+        if main:
+            _atomic_write_text(state_path, json.dumps(state, indent=1))
+        _barrier(dist)
         comp.remove()
         if dense is not None:
             dense.remove()
@@ -524,6 +562,9 @@ def stream_compress(
     comp.remove()
     if dense is not None:
         dense.remove()
+    if not main:
+        _barrier(dist)  # rank 0 writes the rest of the output
+        return None
 
     # The modules outside the blocks: copied from the checkpoint, a shard at a time.
     weight_map = {}
@@ -559,6 +600,7 @@ def stream_compress(
                 "layer_seconds": state["layer_seconds"],
                 "shards": n_shards,
                 "activations_spilled": bool(comp.spilled),
+                "processes": world,
             },
             **(extra or {}),
         },
@@ -576,4 +618,5 @@ def stream_compress(
         os.replace(out, old)
         shutil.rmtree(old, ignore_errors=True)
     os.replace(partial, out)
+    _barrier(dist)
     return meta
