@@ -155,18 +155,18 @@ def _load_weights(folder: Path, device) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     index = folder / INDEX_FILE
-    files = [folder / WEIGHTS_FILE]
+    path = folder / WEIGHTS_FILE
+    files = [path]
     try:
-        if index.is_file() and not files[0].is_file():
-            files = [
-                folder / f
-                for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            ]
+        if index.is_file() and not path.is_file():
+            path = index
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = [folder / f for f in sorted(set(weight_map.values()))]
         state = {}
         for path in files:
             state.update(load_file(str(path), device=str(device)))
     except (OSError, SafetensorError, KeyError, json.JSONDecodeError) as err:
-        raise RankcutError(f"cannot read the weights in {folder}: {err}") from err
+        raise RankcutError(f"cannot read {path}: {err}") from err
     return state
 
 
