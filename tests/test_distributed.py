@@ -77,4 +77,3 @@ def test_two_gloo_processes_match_one(tmp_path):
         torch.testing.assert_close(
             a(input_ids=x).logits, b(input_ids=x).logits, rtol=1e-4, atol=1e-4
         )
-
