@@ -195,6 +195,53 @@ def _measure_loss_table(model, modules, stats, spec, config, calibration, progre
     return loss_table(model, modules, windows, truncate, candidates, progress=progress)
 
 
+def select_targets(
+    model: nn.Module, config: MethodConfig
+) -> tuple[dict[str, nn.Module], set[str], dict[str, tuple[int, int]]]:
+    """Targets (tied weights removed), the tied names, and ``(out, in)`` shapes.
+
+    Works on a skeleton on the meta device too: only structure is read.
+    """
+    modules = find_targets(model, config.targets, config.exclude)
+    tied = set(shared_weights(model, modules))
+    if tied:
+        logger.warning("tied weights stay dense (factorizing would untie them): %s", sorted(tied))
+    modules = {n: m for n, m in modules.items() if n not in tied}
+    return modules, tied, {name: dense_shape(m) for name, m in modules.items()}
+
+
+def apply_rank_overrides(config, ranks, shapes, tied) -> list[str]:
+    """Apply ``rank_pattern`` to ``ranks`` in place; return the names kept dense."""
+    for name in ranks:
+        override = _pattern_rank(name, config.rank_pattern)
+        if override is not None:
+            ranks[name] = min(override, *shapes[name])
+    return sorted(tied | {n for n, r in ranks.items() if not saves_params(*shapes[n], r)})
+
+
+def param_report(model, before, shapes, tied, final_ranks, stored=None) -> dict[str, int]:
+    """Whole-model and targeted parameter counts before and after (``model`` is after).
+
+    ``stored``: parameters each factorized layer really stores for its weight (structured
+    layers: indices included); by default the low-rank count ``r (m + n)``.
+    """
+    after = param_summary(model)
+    targeted_before = sum(m * n for m, n in shapes.values()) + sum(
+        m * n for m, n in (dense_shape(model.get_submodule(t)) for t in tied)
+    )
+    targeted_after = targeted_before - sum(
+        m * n - (stored[name] if stored else final_ranks[name] * (m + n))
+        for name, (m, n) in shapes.items()
+        if name in final_ranks
+    )
+    return {
+        "model_before": before["params_total"],
+        "model_after": after["params_total"],
+        "targeted_before": targeted_before,
+        "targeted_after": targeted_after,
+    }
+
+
 def compress(
     model: nn.Module,
     config: MethodConfig,
@@ -235,13 +282,8 @@ def compress(
     allocator = ALLOCATORS[config.allocation]
     start = time.perf_counter()
     before = param_summary(model)
-    modules = find_targets(model, config.targets, config.exclude)
+    modules, tied, shapes = select_targets(model, config)
     _check_finite_weights(modules)
-    tied = set(shared_weights(model, modules))
-    if tied:
-        logger.warning("tied weights stay dense (factorizing would untie them): %s", sorted(tied))
-    modules = {n: m for n, m in modules.items() if n not in tied}
-    shapes = {name: dense_shape(m) for name, m in modules.items()}
 
     # Statistics: one whole-model pass serves both the allocation and, for the whole
     # pipeline, the factorization; the sequential pipeline gathers its own per block.
@@ -257,11 +299,7 @@ def compress(
     )
     ranks = allocate(config.allocation, inp) if modules else {}
     phases["allocation"] = time.perf_counter() - start - phases["statistics"]
-    for name in ranks:
-        override = _pattern_rank(name, config.rank_pattern)
-        if override is not None:
-            ranks[name] = min(override, *shapes[name])
-    kept = sorted(tied | {n for n, r in ranks.items() if not saves_params(*shapes[n], r)})
+    kept = apply_rank_overrides(config, ranks, shapes, tied)
     todo = {n: m for n, m in modules.items() if n not in kept}
     if config.pipeline != "whole":
         stats = None  # free the allocation statistics before the per-block passes
@@ -272,22 +310,9 @@ def compress(
             model, todo, ranks, spec, config, calibration, stats=stats, progress=progress
         )
 
-    after = param_summary(model)
     final_ranks = {n: ranks[n] for n in todo}
-    targeted_before = sum(m * n for m, n in shapes.values()) + sum(
-        m * n for m, n in (dense_shape(model.get_submodule(t)) for t in tied)
-    )
-    targeted_after = targeted_before - sum(
-        m * n - _stored_weight_params(model.get_submodule(name))
-        for name, (m, n) in shapes.items()
-        if name in todo
-    )
-    params = {
-        "model_before": before["params_total"],
-        "model_after": after["params_total"],
-        "targeted_before": targeted_before,
-        "targeted_after": targeted_after,
-    }
+    stored = {n: _stored_weight_params(model.get_submodule(n)) for n in final_ranks}
+    params = param_report(model, before, shapes, tied, final_ranks, stored)
     seconds = time.perf_counter() - start
     phases["factorization"] = seconds - phases["statistics"] - phases["allocation"]
     result = CompressionResult(

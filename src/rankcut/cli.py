@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -147,6 +148,28 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--eval-data",
         help="held-out text: perplexity before and after (4096 tokens) in the report",
+    )
+    c.add_argument(
+        "--offload-dir",
+        help="streaming: folder for the resume state and the calibration activations "
+        "(default: beside --out)",
+    )
+    c.add_argument(
+        "--offload-mb",
+        type=float,
+        default=1024,
+        help="streaming: activations above this size (MiB) are read back from disk (1024)",
+    )
+    c.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="streaming: run on N processes through torchrun (gloo on CPU, NCCL on GPUs)",
+    )
+    c.add_argument(
+        "--in-memory",
+        action="store_true",
+        help="load the whole model even for a safetensors folder with --pipeline sequential",
     )
     e = sub.add_parser("eval", help="held-out perplexity and parameter counts")
     e.add_argument("model", metavar="MODEL_OR_DIR")
@@ -337,11 +360,20 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     from . import api, io
     from .data import load_text
-    from .data.generated import resolve_spec, validate_spec, windows_from_spec
+    from .data.generated import (
+        AUTO,
+        AUTO_ENCODER,
+        GENERATED,
+        resolve_spec,
+        validate_spec,
+        windows_from_spec,
+    )
     from .methods import get_method
     from .models import resolve
     from .rank import ALLOCATORS
 
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _launch_torchrun(args)
     opts = resolve_compress_options(args)
     spec = get_method(opts["method"])
     _check_options(spec, opts["option"])
@@ -367,6 +399,24 @@ def cmd_compress(args: argparse.Namespace) -> int:
     heldout = load_text(str(opts["eval_data"])) if opts["eval_data"] else None
     started = time.perf_counter()
     tokenizer = io.load_tokenizer(str(opts["model"]))
+    if _streams(opts, config, args):
+        if recover:
+            raise ConfigError("--recover needs the whole model; use it with --in-memory")
+        # Streaming never holds the whole model, so there is nothing to sample from.
+        calib_spec = opts["calib"] = AUTO_ENCODER if calib_spec == AUTO else calib_spec
+        if GENERATED in [p.strip() for p in calib_spec.split("+")]:
+            raise ConfigError(
+                "generated calibration needs the whole model; use --in-memory or a text"
+            )
+        calib = windows_from_spec(
+            calib_spec, tokenizer, opts["samples"], opts["seq_len"], opts["seed"]
+        )
+        return _compress_streaming(opts, config, args, calib, tokenizer, device, out)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise RankcutError(
+            "several processes need the streaming pipeline: a local safetensors folder "
+            "with --pipeline sequential"
+        )
     model = io.load(str(opts["model"]), device=device)
     calib_spec = opts["calib"] = resolve_spec(calib_spec, model)
     calib = None
@@ -456,6 +506,99 @@ def _write_report(out) -> None:
     from .report import write_report
 
     write_report(out)
+
+
+def _streams(opts: dict, config, args: argparse.Namespace) -> bool:
+    """Stream (one decoder layer in memory) for a local safetensors folder, sequentially."""
+    from .models import resolve
+    from .streaming import is_safetensors_dir
+
+    if config.pipeline != "sequential" or args.in_memory:
+        return False
+    kind, location = resolve(str(opts["model"]))
+    return kind == "hf-dir" and is_safetensors_dir(location)
+
+
+def _launch_torchrun(args: argparse.Namespace) -> int:
+    """``--nproc N``: the same command under ``torchrun --standalone --nproc-per-node N``."""
+    import subprocess
+
+    argv = list(args.argv)
+    i = argv.index("--nproc") if "--nproc" in argv else None
+    if i is not None:
+        del argv[i : i + 2]
+    else:
+        argv = [a for a in argv if not a.startswith("--nproc=")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    cmd += ["--nproc-per-node", str(args.nproc), "-m", "rankcut", *argv]
+    logger.info("launching: %s", " ".join(cmd))
+    return subprocess.call(cmd)
+
+
+def _compress_streaming(opts, config, args, calib, tokenizer, device, out) -> int:
+    """``compress`` for a safetensors folder, layer by layer (see ``rankcut.streaming``)."""
+    import dataclasses
+
+    from .distributed import init_from_env
+    from .rank import ALLOCATORS
+    from .streaming import stream_compress
+
+    dist = init_from_env(device)
+
+    if ALLOCATORS[config.allocation].needs and opts["allocation"] == "global":
+        explicit = args.allocation is not None or (
+            args.recipe and "allocation" in _read_recipe(args.recipe)
+        )
+        if not explicit:
+            # The default allocation needs whole-model spectra and gradients: streaming
+            # falls back to uniform ranks (an explicit choice is refused instead).
+            logger.warning(
+                "streaming: allocation 'global' needs the whole model; using 'uniform' "
+                "(pass --in-memory for global allocation)"
+            )
+            config = dataclasses.replace(config, allocation="uniform")
+            opts = {**opts, "allocation": "uniform"}
+    extra = {
+        "source_model": str(opts["model"]),
+        "calibration": {
+            "data": str(opts["calib"]),
+            "samples": opts["samples"],
+            "seq_len": opts["seq_len"],
+            "seed": opts["seed"],
+        },
+    }
+    recipe = {**opts, "out": str(out)}
+    meta = stream_compress(
+        opts["model"],
+        config,
+        calib,
+        out,
+        tokenizer=tokenizer,
+        device=device,
+        work_dir=args.offload_dir,
+        activation_limit_mb=args.offload_mb,
+        overwrite=args.overwrite,
+        extra=extra,
+        files={"recipe.json": json.dumps(recipe, indent=2) + "\n"},
+        progress=not args.quiet,
+        dist=dist,
+    )
+    if dist is not None:
+        import torch.distributed
+
+        torch.distributed.destroy_process_group()
+    if meta is None:  # not rank 0: the output is written by rank 0
+        return 0
+    p = meta["params"]
+    print(
+        f"method {config.method}, ratio {config.ratio}, allocation {config.allocation} "
+        f"(streamed {len(meta['streaming']['layer_seconds'])} layers, "
+        f"{1 if dist is None else dist.world} process(es))\n"
+        f"factorized {len(meta['ranks'])} matrices, kept {len(meta['kept_dense'])} dense\n"
+        f"model params    {p['model_before']:,} -> {p['model_after']:,}"
+    )
+    print(f"saved to {out}")
+    return 0
 
 
 def _run_recovery(
@@ -763,6 +906,7 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",

@@ -37,6 +37,7 @@ FORMAT = "rankcut"
 FORMAT_VERSION = 1
 META_FILE = "rankcut.json"
 WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
 
 
 def check_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -115,13 +116,27 @@ def save(
     """
     from safetensors.torch import save_file
 
-    from . import __version__
-
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "save_pretrained"):
         raise RankcutError("rankcut.save needs a transformers model (with .config)")
     state, tied = _dedup_state_dict(model)
-    meta = {
+    meta = build_meta(model, tied, extra)
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        config.save_pretrained(tmp)
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text)
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return Path(out)
+
+
+def build_meta(model: nn.Module, tied: dict[str, str], extra: dict | None = None) -> dict:
+    """The ``rankcut.json`` object for ``model`` (its parameters may be on meta)."""
+    from . import __version__
+
+    return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "rankcut_version": __version__,
@@ -132,15 +147,27 @@ def save(
         **(getattr(model, "rankcut_meta", None) or {}),
         **(extra or {}),
     }
-    with atomic_dir(out, overwrite=overwrite) as tmp:
-        config.save_pretrained(tmp)
-        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        for name, text in (files or {}).items():
-            (tmp / name).write_text(text)
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    return Path(out)
+
+
+def _load_weights(folder: Path, device) -> dict[str, torch.Tensor]:
+    """The whole state dict from ``model.safetensors`` or from the shards of an index."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    index = folder / INDEX_FILE
+    path = folder / WEIGHTS_FILE
+    files = [path]
+    try:
+        if index.is_file() and not path.is_file():
+            path = index
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = [folder / f for f in sorted(set(weight_map.values()))]
+        state = {}
+        for path in files:
+            state.update(load_file(str(path), device=str(device)))
+    except (OSError, SafetensorError, KeyError, json.JSONDecodeError) as err:
+        raise RankcutError(f"cannot read {path}: {err}") from err
+    return state
 
 
 def read_meta(folder: str | os.PathLike) -> dict:
@@ -173,8 +200,6 @@ def load_rankcut_dir(folder: str | os.PathLike, device: str | torch.device = "cp
     """Rebuild a saved model: skeleton on the meta device, factorized layers, weights."""
     import transformers
     from accelerate import init_empty_weights
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
     from transformers import AutoConfig
 
     folder = Path(folder)
@@ -196,10 +221,7 @@ def load_rankcut_dir(folder: str | os.PathLike, device: str | torch.device = "cp
         except AttributeError as err:
             raise RankcutError(f"rankcut.json names layer {name!r}, absent from the model") from err
         replace_module(model, name, LAYER_TYPES[spec["type"]].from_structure(spec, device="meta"))
-    try:
-        state = load_file(str(folder / WEIGHTS_FILE), device=str(device))
-    except (OSError, SafetensorError) as err:
-        raise RankcutError(f"cannot read {folder / WEIGHTS_FILE}: {err}") from err
+    state = _load_weights(folder, device)
     try:
         result = model.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as err:

@@ -10,6 +10,7 @@ block's activations (two streams with ``refit``) are held at a time.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 from collections.abc import Callable
 
@@ -19,9 +20,8 @@ from tqdm.auto import tqdm
 
 from .calibrate import InputStats, LayerStats, collect_layer_stats
 from .calibrate.sequential import capture_block_inputs, module_input, run_block
-from .decompose import psd_cholesky
 from .errors import RankcutError
-from .layers import dense_weight
+from .layers import LowRankLinear, dense_weight
 from .methods import MethodConfig, MethodSpec
 from .models import find_decoder_layers, replace_module
 
@@ -43,21 +43,53 @@ def factorize_into(
     model: nn.Module,
     name: str,
     module: nn.Module,
-    weight: Tensor,
+    weight: Tensor | Callable[[], Tensor] | None,
     stats: LayerStats,
     rank: int,
     spec: MethodSpec,
     config: MethodConfig,
+    dist=None,
+    owner: int = 0,
 ) -> None:
     """Factorize ``weight`` (float64 ``(out, in)``) with the method; swap in its layer
-    (a LowRankLinear, or the structured layer a ``build`` method returns)."""
+    (a LowRankLinear, or the structured layer a ``build`` method returns).
+
+    ``weight`` may be a callable, evaluated only where it is needed: with ``dist`` (a
+    ``rankcut.distributed.Dist``) only the ``owner`` rank factorizes, and the factors
+    are broadcast to the others (low-rank methods only).
+    """
     dtype = dense_weight(module).dtype
+    device = dense_weight(module).device
     bias = module.bias.detach() if module.bias is not None else None
-    with torch.no_grad():
-        layer = spec.make_layer(weight, stats, rank, config, name, bias=bias, dtype=dtype)
-    if not all(bool(torch.isfinite(p).all()) for p in layer.parameters()):
-        raise RankcutError(f"{spec.name} produced non-finite factors for {name}")
-    replace_module(model, name, layer.to(dense_weight(module).device))
+    if dist is None:
+        if callable(weight):
+            weight = weight()
+        with torch.no_grad():
+            layer = spec.make_layer(weight, stats, rank, config, name, bias=bias, dtype=dtype)
+        if not all(bool(torch.isfinite(p).all()) for p in layer.parameters()):
+            raise RankcutError(f"{spec.name} produced non-finite factors for {name}")
+        replace_module(model, name, layer.to(device))
+        return
+    if spec.build is not None:
+        raise RankcutError(
+            f"distributed compression supports the low-rank methods only, not {spec.name}"
+        )
+    up = down = None
+    if dist.rank == owner:
+        if callable(weight):
+            weight = weight()
+        with torch.no_grad():
+            up, down = spec.factorize(weight, stats, rank, config, name)
+        del weight
+        if not (bool(torch.isfinite(up).all()) and bool(torch.isfinite(down).all())):
+            raise RankcutError(f"{spec.name} produced non-finite factors for {name}")
+    out_f, in_f = dense_weight(module).shape
+    shapes = [(out_f, rank), (rank, in_f)]
+    up, down = dist.share(
+        [up, down] if up is not None else None, shapes, torch.float64, device, owner
+    )
+    layer = LowRankLinear.from_factors(up, down, bias, dtype=dtype)
+    replace_module(model, name, layer.to(device))
 
 
 @register_pipeline("whole")
@@ -101,14 +133,16 @@ def _stages(block: nn.Module, modules: dict[str, nn.Module], first) -> list[list
     return stages
 
 
-def _refit_target(weight: Tensor, gram_c: Tensor, cross: Tensor, name: str) -> Tensor:
+def _refit_target(weight: Tensor, inputs: InputStats, cross: Tensor, name: str) -> Tensor:
     """``W_ls = W C^T G'^-1``: the map that best reproduces dense outputs from compressed inputs.
 
     ``G' = X'^T X'`` (compressed inputs), ``C = X'^T X`` (compressed x dense inputs).
     Minimizes ``||X' W_ls^T - X W^T||_F``; factorizing ``W_ls`` with whitening by ``G'``
     then solves the rank-constrained problem exactly (reduced-rank regression).
     """
-    chol = psd_cholesky(gram_c, name=name)
+    # The factor is cached on the statistics: a method whitening with the same eps
+    # (SVD-LLM's default) reuses it instead of holding a second (in, in) matrix.
+    chol = inputs.cholesky(name=name)
     rhs = cross.to(torch.float64) @ weight.T  # C W^T, (in, out)
     return torch.cholesky_solve(rhs, chol).T
 
@@ -138,10 +172,8 @@ def _stage_stats(block, twin, block_name, stage, stage_mods, comp, dense, needs_
     return {n: stats for n in stage}, cross
 
 
-@register_pipeline("sequential")
-def run_sequential(model, todo, ranks, spec, config, calibration, stats=None, progress=True):
-    if calibration is None:
-        raise RankcutError("the sequential pipeline needs calibration data")
+def check_sequential(model, todo) -> list[tuple[str, nn.Module]]:
+    """Decoder blocks of ``model``; every target must lie inside one of them."""
     blocks = find_decoder_layers(model)
     if not blocks:
         raise RankcutError("the sequential pipeline found no decoder blocks in this model")
@@ -150,36 +182,106 @@ def run_sequential(model, todo, ranks, spec, config, calibration, stats=None, pr
         raise RankcutError(
             f"the sequential pipeline only handles decoder-block modules: {outside[:3]}"
         )
+    return blocks
+
+
+class _StageWeights:
+    """The matrix to factorize for each module of a stage: the dense weight, or its refit
+    target while ``cross`` is given; the (in, in) cross product is dropped once the last
+    target has been formed, before that module's factorization."""
+
+    def __init__(self, mods, inputs, cross: Tensor | None, stage: list[str]) -> None:
+        self.mods, self.inputs, self.cross, self.left = mods, inputs, cross, len(stage)
+
+    def __call__(self, name: str) -> Tensor:
+        w = dense_weight(self.mods[name]).detach().to(torch.float64)
+        cross = self.cross
+        self.left -= 1
+        if self.left == 0:
+            self.cross = None
+        return w if cross is None else _refit_target(w, self.inputs[name], cross, name)
+
+
+def compress_block(
+    model,
+    block_name,
+    block,
+    todo,
+    ranks,
+    spec,
+    config,
+    comp,
+    dense,
+    fisher,
+    dist=None,
+    release=None,
+):
+    """Compress the targets of one decoder block, stage by stage, in place.
+
+    ``comp`` holds the block's inputs from the compressed prefix and ``dense`` (with
+    ``refit``, else ``None``) those of the dense model; both are sequences of
+    ``BlockInputs``. With ``dist`` (several processes, each holding its share of the
+    windows) the statistics are summed over the ranks and the block's matrices are
+    divided among them. ``release(module)``, when given, is called on each dense linear
+    once its factors replace it (the streaming pipeline frees its weight). Returns the
+    dense twin of the block (with ``refit``) so the
+    dense stream can be advanced, else ``None``.
+    """
+    needs_gram = "gram" in spec.needs or config.refit
+    needs_abs = "abs_mean" in spec.needs
+    mods = {n: m for n, m in todo.items() if n.startswith(block_name + ".")}
+    twin = copy.deepcopy(block) if config.refit else None
+    if not mods:
+        return twin
+    index = 0
+    for stage in _stages(block, mods, comp[0]):
+        stage_mods = {n: mods[n] for n in stage}
+        inputs, cross = _stage_stats(
+            block, twin, block_name, stage, stage_mods, comp, dense, needs_gram, needs_abs
+        )
+        if dist is not None:
+            dist.reduce_stats(inputs[stage[0]], cross)
+        weights = _StageWeights(mods, inputs, cross, stage)
+        del cross
+        for n in stage:
+            layer_stats = LayerStats(inputs=inputs[n])
+            if n in fisher:
+                layer_stats.fisher_in = fisher[n].fisher_in
+            weight = functools.partial(weights, n)
+            owner = dist.owner(index) if dist is not None else 0
+            factorize_into(
+                model, n, mods[n], weight, layer_stats, ranks[n], spec, config, dist, owner
+            )
+            index += 1
+            if release is not None:
+                release(mods[n])
+        del weights, weight
+    return twin
+
+
+def advance(block, twin, comp, dense):
+    """Outputs of ``block`` (and of its dense ``twin``) on the cached inputs, in order."""
+    comp_out = (b.with_hidden(run_block(block, b)) for b in comp)
+    dense_out = (b.with_hidden(run_block(twin, b)) for b in dense) if twin is not None else None
+    return comp_out, dense_out
+
+
+@register_pipeline("sequential")
+def run_sequential(model, todo, ranks, spec, config, calibration, stats=None, progress=True):
+    if calibration is None:
+        raise RankcutError("the sequential pipeline needs calibration data")
+    blocks = check_sequential(model, todo)
     fisher = {}
     if "fisher" in spec.needs:  # gradients need the whole model: taken once, from the dense one
         fisher = collect_layer_stats(model, todo, calibration, frozenset({"fisher"}), progress)
-    needs_gram = "gram" in spec.needs or config.refit
-    needs_abs = "abs_mean" in spec.needs
     comp = capture_block_inputs(model, blocks[0][1], calibration, batch_size=4)
     dense = list(comp) if config.refit else None
     for block_name, block in tqdm(blocks, desc=f"{spec.name} (sequential)", disable=not progress):
-        mods = {n: m for n, m in todo.items() if n.startswith(block_name + ".")}
-        twin = copy.deepcopy(block) if config.refit else None
-        if mods:
-            for stage in _stages(block, mods, comp[0]):
-                stage_mods = {n: mods[n] for n in stage}
-                targets: dict[str, Tensor] = {}
-                inputs, cross = _stage_stats(
-                    block, twin, block_name, stage, stage_mods, comp, dense, needs_gram, needs_abs
-                )
-                if config.refit:
-                    for n in stage:
-                        w = dense_weight(mods[n]).detach().to(torch.float64)
-                        targets[n] = _refit_target(w, inputs[n].gram, cross, n)
-                for n in stage:
-                    layer_stats = LayerStats(inputs=inputs[n])
-                    if n in fisher:
-                        layer_stats.fisher_in = fisher[n].fisher_in
-                    weight = targets.get(n)
-                    if weight is None:
-                        weight = dense_weight(mods[n]).detach().to(torch.float64)
-                    factorize_into(model, n, mods[n], weight, layer_stats, ranks[n], spec, config)
-        comp = [b.with_hidden(run_block(block, b)) for b in comp]
-        if config.refit:
-            dense = [b.with_hidden(run_block(twin, b)) for b in dense]
+        twin = compress_block(
+            model, block_name, block, todo, ranks, spec, config, comp, dense, fisher
+        )
+        comp_out, dense_out = advance(block, twin, comp, dense)
+        comp = list(comp_out)
+        if dense_out is not None:
+            dense = list(dense_out)
         del twin

@@ -34,10 +34,14 @@ class BlockInputs:
 
 @torch.no_grad()
 def capture_block_inputs(
-    model: nn.Module, block: nn.Module, windows: Tensor, batch_size: int = 1
+    model: nn.Module,
+    block: nn.Module,
+    windows: Tensor,
+    batch_size: int = 1,
+    device: torch.device | str | None = None,
 ) -> list[BlockInputs]:
     """Run the model up to ``block`` for every batch and keep what ``block`` receives."""
-    device = next(model.parameters()).device
+    device = device or next(model.parameters()).device
     captured: list[BlockInputs] = []
 
     def hook(module, args, kwargs):

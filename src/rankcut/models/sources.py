@@ -140,18 +140,24 @@ def hf_location(spec: str) -> tuple[str, str]:
 def load_hf_model(location: str, dtype=None):
     """Load a plain (uncompressed) transformers model from a folder or hub id."""
     import torch
-    import transformers
     from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(location)
     except OSError as err:
         raise RankcutError(f"cannot load model {location!r}: {err}") from err
+    return model_class(config).from_pretrained(location, dtype=dtype or torch.float32)
+
+
+def model_class(config):
+    """The transformers class a config names (``architectures``), else an Auto class."""
+    import transformers
+
     archs = getattr(config, "architectures", None) or []
     cls = next((getattr(transformers, a) for a in archs if hasattr(transformers, a)), None)
     if cls is None:
         cls = transformers.AutoModelForCausalLM if _is_causal(config) else transformers.AutoModel
-    return cls.from_pretrained(location, dtype=dtype or torch.float32)
+    return cls
 
 
 def _is_causal(config) -> bool:
