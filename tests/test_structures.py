@@ -232,7 +232,9 @@ def test_gradients_reach_the_values(method):
 @pytest.mark.parametrize("method", STRUCTURES)
 def test_compress_save_load_round_trip(method, tmp_path, windows):
     model = tiny_llama()
-    result = rankcut.compress(model, METHODS[method].config_cls(ratio=0.4), windows, progress=False)
+    # Speed-aware rounding off: this checks that every target becomes the structure.
+    config = METHODS[method].config_cls(ratio=0.4, rank_multiple=1, min_speedup=1.0)
+    result = rankcut.compress(model, config, windows, progress=False)
     layers = dict(factorized_modules(model))
     assert len(layers) == 14 and all(isinstance(m, StructuredLinear) for m in layers.values())
     summary = param_summary(model)

@@ -399,9 +399,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     heldout = load_text(str(opts["eval_data"])) if opts["eval_data"] else None
     started = time.perf_counter()
     tokenizer = io.load_tokenizer(str(opts["model"]))
-    if _streams(opts, config, args):
-        if recover:
-            raise ConfigError("--recover needs the whole model; use it with --in-memory")
+    # Recovery trains the whole model, so it is loaded whole (no streaming) then.
+    if not recover and _streams(opts, config, args):
         # Streaming never holds the whole model, so there is nothing to sample from.
         calib_spec = opts["calib"] = AUTO_ENCODER if calib_spec == AUTO else calib_spec
         if GENERATED in [p.strip() for p in calib_spec.split("+")]:
