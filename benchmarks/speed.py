@@ -180,8 +180,6 @@ def render(meta: dict, rows: list[dict], note: str) -> str:
         f"{s['prompt']} tokens; decode of {s['new_tokens']} tokens with the KV cache after "
         f"that prompt. Model and dense baseline alternate within each of {s['repeats']} "
         f"repeats (whole model) and {s['linear_repeats']} repeats (linears only); medians. "
-        "**The machine was shared with other jobs (2 cores for several agents) while this "
-        "ran: absolute numbers are noisy, ratios less so.** "
         f"Method {meta['method']}, uniform ranks (32 x 512 Shakespeare calibration when "
         "the method needs one); speed depends only on the ranks ('random': random "
         "factors at exactly the ranks uniform allocation gives, to skip the SVDs)."
