@@ -509,11 +509,9 @@ def stream_compress(
         t0 = time.perf_counter()
         block_name, block = blocks[k]
         loader.load_module(block_name)
-        for n in todo:
-            if n.startswith(block_name + ".") and not bool(
-                torch.isfinite(dense_weight(model.get_submodule(n))).all()
-            ):
-                raise RankcutError(f"non-finite values in the weight of {n}")
+        api._check_finite_weights(
+            {n: model.get_submodule(n) for n in todo if n.startswith(block_name + ".")}
+        )
         twin = compress_block(
             model,
             block_name,
