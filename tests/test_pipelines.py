@@ -103,8 +103,9 @@ def test_sequential_runs_every_method(method):
     model = tiny_llama()
     config = METHODS[method].config_cls(ratio=0.3, pipeline="sequential", refit=True)
     result = rankcut.compress(model, config, x, progress=False)
-    # near-break-even ranks stay dense (min_speedup): every target is accounted for
-    assert len(result.ranks) + len(result.kept_dense) == 14 and len(result.ranks) >= 10
+    # the global allocation keeps some matrices dense: every target is accounted for,
+    # and the method factorized a good share of them
+    assert len(result.ranks) + len(result.kept_dense) == 14 and len(result.ranks) >= 7
     assert torch.isfinite(model(input_ids=x).logits).all()
 
 

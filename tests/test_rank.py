@@ -136,3 +136,48 @@ def test_unknown_allocator_and_missing_inputs():
 
     with pytest.raises(RankcutError, match="spectra"):
         allocate("energy", AllocationInput(SHAPES, 0.2))
+
+
+def _dropped(scores, ranks):
+    return sum(float(scores[k][r:].sum()) for k, r in ranks.items() if r)
+
+
+def test_lagrangian_keeps_flat_matrix_dense_instead_of_near_break_even_rank():
+    from rankcut.rank.budget import floors, greedy_fill, lagrangian_ranks
+
+    shapes = {"flat": (64, 64), "steep": (64, 64)}
+    scores = {
+        "flat": torch.ones(64, dtype=torch.float64),
+        "steep": 0.5 ** torch.arange(64, dtype=torch.float64),
+    }
+    limit = 64 * 64 + 8 * 128  # dense "flat" plus rank 8 for "steep"
+    fl = floors(shapes, 0.5, 0.0)
+    ranks = lagrangian_ranks(shapes, scores, limit, fl)
+    assert ranks == {"flat": 0, "steep": 8}
+    greedy = greedy_fill(shapes, scores, fl, limit)  # directions only: no dense option
+    assert greedy["flat"] == max_saving_rank(64, 64)
+    assert _dropped(scores, ranks) < _dropped(scores, greedy)
+
+
+@settings(max_examples=40, deadline=None)
+@given(ratio=st.floats(0.05, 0.9), seed=st.integers(0, 100), speedup=st.sampled_from([1.0, 1.5]))
+def test_lagrangian_meets_budget_floor_and_caps(ratio, seed, speedup):
+    from rankcut.rank.budget import fast_rank_cap, floors, lagrangian_ranks
+
+    inp = make_input(ratio, seed=seed)
+    limit = budget(SHAPES, ratio)
+    fl = floors(SHAPES, ratio, 0.25)
+    caps = {k: fast_rank_cap(m, n, speedup) for k, (m, n) in SHAPES.items()}
+    ranks = lagrangian_ranks(SHAPES, inp.component_scores, limit, fl, caps)
+    assert total_cost(SHAPES, ranks) <= limit
+    for k, r in ranks.items():
+        assert r == 0 or min(fl[k], caps[k]) <= r <= caps[k]
+
+
+def test_global_rank_never_past_speed_cap():
+    from rankcut.rank.budget import fast_rank_cap
+
+    for ratio in (0.1, 0.3, 0.5):
+        ranks = allocate("global", make_input(ratio, min_speedup=1.25))
+        for k, (m, n) in SHAPES.items():
+            assert ranks[k] == 0 or ranks[k] <= fast_rank_cap(m, n, 1.25)

@@ -232,8 +232,10 @@ def test_gradients_reach_the_values(method):
 @pytest.mark.parametrize("method", STRUCTURES)
 def test_compress_save_load_round_trip(method, tmp_path, windows):
     model = tiny_llama()
-    # Speed-aware rounding off: this checks that every target becomes the structure.
-    config = METHODS[method].config_cls(ratio=0.4, rank_multiple=1, min_speedup=1.0)
+    # Uniform ranks, speed-aware rounding off: every target becomes the structure.
+    config = METHODS[method].config_cls(
+        ratio=0.4, allocation="uniform", rank_multiple=1, min_speedup=1.0
+    )
     result = rankcut.compress(model, config, windows, progress=False)
     layers = dict(factorized_modules(model))
     assert len(layers) == 14 and all(isinstance(m, StructuredLinear) for m in layers.values())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import time
@@ -18,7 +19,7 @@ from .evaluate.params import param_summary
 from .layers import dense_shape, dense_weight
 from .methods import MethodConfig, spec_for_config
 from .models import find_targets, shared_weights
-from .pipelines import PIPELINES
+from .pipelines import PIPELINES, resolve_pipeline
 from .rank import ALLOCATORS, AllocationInput, AllocatorSpec, allocate, rank_for_ratio, saves_params
 
 logger = logging.getLogger(__name__)
@@ -96,6 +97,7 @@ def statistics_needed(
     model: nn.Module, config: MethodConfig, calibration: Tensor | None
 ) -> frozenset[str]:
     """What the whole-model calibration pass of ``compress(model, config)`` gathers."""
+    config = _resolved(model, config, calibration)
     spec = spec_for_config(config)
     allocator = ALLOCATORS[config.allocation]
     needs = _allocation_needs(allocator, model, calibration)
@@ -104,6 +106,15 @@ def statistics_needed(
     if config.pipeline == "whole":
         needs |= spec.needs
     return frozenset(needs)
+
+
+def _resolved(model: nn.Module, config: MethodConfig, calibration) -> MethodConfig:
+    """``config`` with ``pipeline="auto"`` replaced by the pipeline it stands for."""
+    if config.pipeline != "auto":
+        return config
+    modules = find_targets(model, config.targets, config.exclude)
+    pipeline = resolve_pipeline(model, modules, config.pipeline, calibration)
+    return dataclasses.replace(config, pipeline=pipeline)
 
 
 def collect_statistics(
@@ -278,6 +289,7 @@ def compress(
         >>> len(result.ranks)
         14
     """
+    config = _resolved(model, config, calibration)
     spec = spec_for_config(config)
     allocator = ALLOCATORS[config.allocation]
     start = time.perf_counter()

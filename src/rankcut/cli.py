@@ -32,7 +32,7 @@ COMPRESS_DEFAULTS = {
     "exclude": [],
     "option": {},
     "allocation": "global",
-    "pipeline": "whole",
+    "pipeline": "auto",
     "refit": True,
     "min_rank_fraction": 0.25,
     "recover": 0,
@@ -111,8 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument(
         "--pipeline",
-        choices=["whole", "sequential"],
-        help="whole-model statistics, or decoder block by block (default whole)",
+        choices=["auto", "whole", "sequential"],
+        help="whole-model statistics, or decoder block by block with a refit to the dense "
+        "outputs; auto (default): sequential when calibration is used, in memory",
     )
     c.add_argument(
         "--no-refit",
@@ -391,7 +392,10 @@ def cmd_compress(args: argparse.Namespace) -> int:
     torch.manual_seed(opts["seed"])
     resolve(str(opts["model"]))  # a clear error for bad paths/aliases before loading
     needs_data = bool(
-        spec.needs or ALLOCATORS[config.allocation].needs or config.pipeline != "whole" or recover
+        spec.needs
+        or ALLOCATORS[config.allocation].needs
+        or config.pipeline == "sequential"
+        or recover
     )
     calib_spec = str(opts["calib"])
     if needs_data:

@@ -1,5 +1,7 @@
 """Orchestration: how statistics are gathered and layers replaced.
 
+``auto`` (the default): ``sequential`` when calibration data is given and every target
+lies in a decoder block, else ``whole`` (``resolve_pipeline``).
 ``whole``: one calibration pass over the dense model, then every target is factorized.
 ``sequential``: decoder block by decoder block; each block's statistics come from the
 outputs of the already-compressed blocks before it, and with ``refit`` each matrix is
@@ -285,3 +287,34 @@ def run_sequential(model, todo, ranks, spec, config, calibration, stats=None, pr
         if dense_out is not None:
             dense = list(dense_out)
         del twin
+
+
+AUTO = "auto"
+
+
+def resolve_pipeline(model: nn.Module, todo, pipeline: str, calibration) -> str:
+    """The pipeline ``auto`` stands for: ``sequential`` where it can run, else ``whole``.
+
+    Sequential needs calibration data and targets inside decoder blocks; it corrects
+    each block for the errors of the compressed blocks before it and refits to the dense
+    outputs, which measured better than ``whole`` at every ratio tried (see
+    ``benchmarks/results/quality-recipes.md``). Other names are returned unchanged.
+    """
+    if pipeline != AUTO:
+        return pipeline
+    if calibration is None:
+        return "whole"
+    try:
+        check_sequential(model, todo)
+    except RankcutError:
+        return "whole"
+    return "sequential"
+
+
+@register_pipeline(AUTO)
+def run_auto(model, todo, ranks, spec, config, calibration, stats=None, progress=True):
+    """Run the pipeline ``auto`` resolves to (``compress`` resolves it up front)."""
+    name = resolve_pipeline(model, todo, AUTO, calibration)
+    if name == "whole" and stats is None and spec.needs:
+        stats = collect_layer_stats(model, todo, calibration, spec.needs, progress=progress)
+    PIPELINES[name](model, todo, ranks, spec, config, calibration, stats=stats, progress=progress)

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from ..calibrate import LayerStats
 from ..errors import ConfigError
 
-PIPELINES = ("whole", "sequential")
+PIPELINES = ("auto", "whole", "sequential")
 #: Measured on a 2-core CPU with SmolLM2-135M's shapes (benchmarks/rank_multiples.py).
 DEFAULT_RANK_MULTIPLE = 8
 DEFAULT_MIN_SPEEDUP = 1.1
@@ -39,9 +39,10 @@ class MethodConfig:
             matrix's uniform rank.
         allocation_options: allocator knobs (``beta_min`` for heavy-tail, ``candidates``
             and ``samples`` for sensitivity).
-        pipeline: ``whole`` (statistics from the dense model in one pass) or
+        pipeline: ``whole`` (statistics from the dense model in one pass),
             ``sequential`` (decoder layer by decoder layer, statistics from the
-            already-compressed prefix).
+            already-compressed prefix) or ``auto`` (the default: sequential when
+            calibration data is given and the targets lie in decoder blocks, else whole).
         refit: with ``sequential`` (ignored by ``whole``), fit each factorization to the
             *dense* model's outputs from the compressed inputs (closed-form least squares
             ``W_ls = W C^T G'^-1``, then the method factorizes ``W_ls``; with ``svd-llm``
@@ -67,7 +68,7 @@ class MethodConfig:
     allocation: str = "global"
     min_rank_fraction: float = 0.25
     allocation_options: dict[str, Any] = field(default_factory=dict)
-    pipeline: str = "whole"
+    pipeline: str = "auto"
     refit: bool = True
     rank_multiple: int = DEFAULT_RANK_MULTIPLE
     min_speedup: float = DEFAULT_MIN_SPEEDUP

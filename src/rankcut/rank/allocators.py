@@ -22,8 +22,10 @@ from .budget import (
     budget,
     cost,
     densify_if_affordable,
+    fast_rank_cap,
     floors,
     greedy_fill,
+    lagrangian_ranks,
     max_saving_rank,
     rank_for_ratio,
     speed_round,
@@ -118,12 +120,17 @@ def _relative_energy(spectra: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def _finish(inp: AllocationInput, ranks: dict[str, int], scores: dict[str, Tensor] | None):
+def _finish(
+    inp: AllocationInput,
+    ranks: dict[str, int],
+    scores: dict[str, Tensor] | None,
+    caps: dict[str, int] | None = None,
+):
     """Spend what is left of the budget by ``scores``, then densify saturated modules."""
     limit = budget(inp.shapes, inp.ratio)
     if scores is not None:
-        ranks = greedy_fill(inp.shapes, scores, ranks, limit)
-    return densify_if_affordable(inp.shapes, ranks, limit)
+        ranks = greedy_fill(inp.shapes, scores, ranks, limit, caps)
+    return densify_if_affordable(inp.shapes, ranks, limit, caps)
 
 
 @register_allocator("uniform", summary="the same ratio for every matrix")
@@ -239,19 +246,27 @@ def heavy_tail(inp: AllocationInput) -> dict[str, int]:
     summary="drop the directions with the least loss increase per parameter across all matrices",
 )
 def global_(inp: AllocationInput) -> dict[str, int]:
-    """Greedy over all singular directions of all matrices.
+    """Least estimated loss increase for the budget, over all directions of all matrices.
 
     In whitened coordinates dropping direction ``i`` adds ``s_i^2`` to the layer's output
     error; ``component_scores`` weights it by the loss's sensitivity to that output
     direction (``u_i^T diag(F_out) u_i``, the output Fisher), so layers that matter more
-    to the loss keep more. The cheapest directions per parameter ``(m + n)`` go first;
-    ranks never go below the floor.
+    to the loss keep more. Each matrix takes a rank (never below its floor) or stays
+    dense, whichever is cheaper at a common price per parameter (``lagrangian_ranks``):
+    a matrix whose useful rank is near break-even stays exact instead. With
+    ``min_speedup > 1`` ranks are capped where they would no longer be faster than dense.
+    Left-over budget is spent direction by direction.
     """
     scores = inp.component_scores
     if scores is None:
         scores = {k: s.to(torch.float64) ** 2 for k, s in inp.spectra.items()}
     fl = floors(inp.shapes, inp.ratio, inp.min_rank_fraction)
-    return _finish(inp, fl, scores)
+    limit = budget(inp.shapes, inp.ratio)
+    caps = {k: fast_rank_cap(m, n, inp.min_speedup) for k, (m, n) in inp.shapes.items()}
+    ranks = lagrangian_ranks(inp.shapes, scores, limit, fl, caps)
+    if total_cost(inp.shapes, ranks) > limit:  # the floors alone overshoot: plain greedy
+        ranks = fl
+    return _finish(inp, ranks, scores, caps)
 
 
 @register_allocator(

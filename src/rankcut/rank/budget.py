@@ -77,13 +77,14 @@ def greedy_fill(
     scores: dict[str, Tensor],
     start: dict[str, int],
     limit: int,
+    caps: dict[str, int] | None = None,
 ) -> dict[str, int]:
     """Add singular directions by score per parameter until the budget ``limit`` is spent.
 
     ``scores[k][i]`` is the value of keeping component ``i`` of module ``k``; it is made
     non-increasing in ``i`` (a running minimum) so that the kept set of every module is
-    a prefix, i.e. a rank. Ranks never exceed the largest rank that saves parameters.
-    The result costs at most ``limit`` and adding one more direction anywhere would
+    a prefix, i.e. a rank. Ranks never exceed ``caps`` (default: the largest rank that
+    saves parameters). The result costs at most ``limit`` and adding one more direction anywhere would
     exceed it.
     """
     ranks = dict(start)
@@ -91,7 +92,7 @@ def greedy_fill(
     items = []
     for k, s in scores.items():
         m, n = shapes[k]
-        cap = max_saving_rank(m, n)
+        cap = caps[k] if caps is not None else max_saving_rank(m, n)
         if cap == 0 or ranks[k] == 0:
             continue
         mono = torch.cummin(s.to(torch.float64).flatten()[:cap], dim=0).values
@@ -106,15 +107,68 @@ def greedy_fill(
     return ranks
 
 
-def densify_if_affordable(
-    shapes: dict[str, Shape], ranks: dict[str, int], limit: int
+def lagrangian_ranks(
+    shapes: dict[str, Shape],
+    scores: dict[str, Tensor],
+    limit: int,
+    floor: dict[str, int],
+    caps: dict[str, int] | None = None,
 ) -> dict[str, int]:
-    """Modules at their largest saving rank become dense when the budget still allows."""
+    """Ranks or dense per module minimizing the summed score of dropped directions.
+
+    Module ``k`` may take any rank in ``[floor[k], caps[k]]`` (default cap: the largest
+    rank that saves parameters) or stay dense. Dropping component ``i`` costs
+    ``scores[k][i]`` (made non-increasing), keeping it costs ``m + n`` parameters; dense
+    drops nothing and costs ``m n``. For a price ``lam`` per parameter each module takes
+    its cheapest option of ``dropped score + lam * cost``; ``lam`` is bisected (log
+    scale) to the lowest price that fits ``limit``. Unlike a greedy over directions,
+    this weighs "keep the matrix exact" against "a rank just below break-even" that
+    costs nearly as much and still loses the tail.
+
+    Returns ranks (0 = dense) costing at most ``limit`` when the floors fit at all.
+    """
+    caps = caps or {k: max_saving_rank(m, n) for k, (m, n) in shapes.items()}
+    tables = {}
+    for k in shapes:
+        cap = caps[k]
+        s = scores[k].to(torch.float64).flatten()
+        mono = torch.cummin(s, dim=0).values if s.numel() else s
+        # tail[r] = score dropped at rank r (sum of components r..end)
+        tail = torch.flip(torch.cumsum(torch.flip(mono, [0]), 0), [0])
+        tail = torch.cat([tail, tail.new_zeros(1)])
+        tables[k] = (mono, tail, cap, min(floor.get(k, 1), cap) if cap else 0)
+
+    def at(log_inv_lam: float) -> dict[str, int]:
+        lam = math.exp(-log_inv_lam)
+        out = {}
+        for k, (m, n) in shapes.items():
+            mono, tail, cap, lo = tables[k]
+            if cap == 0:
+                out[k] = 0
+                continue
+            # components worth more than their price, as a prefix of the monotone scores
+            r = int((mono[:cap] > lam * (m + n)).sum())
+            r = min(max(r, lo), cap)
+            low_rank = float(tail[r]) + lam * r * (m + n)
+            out[k] = 0 if lam * m * n <= low_rank else r
+        return out
+
+    return bisect_to_budget(at, shapes, limit, -80.0, 80.0, steps=80)
+
+
+def densify_if_affordable(
+    shapes: dict[str, Shape],
+    ranks: dict[str, int],
+    limit: int,
+    caps: dict[str, int] | None = None,
+) -> dict[str, int]:
+    """Modules at their cap (default: largest saving rank) become dense if the budget allows."""
     ranks = dict(ranks)
     spent = total_cost(shapes, ranks)
     for k, (m, n) in sorted(shapes.items()):
         r = ranks[k]
-        if r and r == max_saving_rank(m, n) and spent - cost((m, n), r) + m * n <= limit:
+        cap = caps[k] if caps is not None else max_saving_rank(m, n)
+        if r and r >= cap and spent - cost((m, n), r) + m * n <= limit:
             spent += m * n - cost((m, n), r)
             ranks[k] = 0
     return ranks
