@@ -117,3 +117,30 @@ def test_column_scaled_rejects_bad_scale(bad):
 def test_rank_out_of_range(rank):
     with pytest.raises(ValueError, match="rank"):
         svd_factors(rand(5, 4), rank)
+
+
+def test_psd_cholesky_leaves_the_gram_untouched_and_reads_the_lower_triangle():
+    x = torch.randn(3, 6, dtype=torch.float64)  # rank 3 < 6: needs the diagonal repair
+    g = x.T @ x
+    before = g.clone()
+    s = psd_cholesky(g)
+    assert torch.equal(g, before)  # the in-place shift is undone exactly
+    assert torch.allclose(s @ s.T, g, atol=1e-3 * float(g.diagonal().mean()))
+    full = torch.randn(40, 6, dtype=torch.float64)
+    g = full.T @ full
+    garbage_upper = torch.tril(g) + torch.triu(torch.full_like(g, 1e9), 1)
+    torch.testing.assert_close(psd_cholesky(garbage_upper), psd_cholesky(g))
+
+
+def test_released_gram_keeps_its_cholesky_factor():
+    from rankcut.calibrate import InputStats
+    from rankcut.errors import RankcutError
+
+    stats = InputStats(6)
+    stats.update(torch.randn(50, 6))
+    chol = psd_cholesky(stats.gram)
+    stats.release_gram((1e-6,), "demo")
+    assert stats.gram is None and stats.has_gram
+    torch.testing.assert_close(stats.cholesky(1e-6, "demo"), chol)
+    with pytest.raises(RankcutError, match="released"):
+        stats.cholesky(1e-3, "demo")

@@ -86,7 +86,7 @@ def _allocation_needs(allocator: AllocatorSpec, model: nn.Module, calibration) -
 
 
 _STAT_FIELDS = {
-    "gram": lambda st: st.inputs is not None and st.inputs.gram is not None,
+    "gram": lambda st: st.inputs is not None and st.inputs.has_gram,
     "abs_mean": lambda st: st.inputs is not None and st.inputs.abs_sum is not None,
     "fisher": lambda st: st.fisher_in is not None,
     "fisher_out": lambda st: st.fisher_out is not None,
@@ -168,7 +168,7 @@ def _allocation_input(
         weight = dense_weight(module).detach().to(torch.float64)
         st = stats.get(name)
         inputs = st.inputs if st is not None else None
-        if inputs is not None and inputs.gram is not None:
+        if inputs is not None and inputs.has_gram:
             weight = weight @ inputs.cholesky(getattr(config, "eps", 1e-6), name)
         if st is not None and st.fisher_out is not None:
             u, s, _ = torch.linalg.svd(weight, full_matrices=False)

@@ -29,6 +29,8 @@ from .models import find_decoder_layers, replace_module
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_EPS = 1e-6  # the refit's Cholesky shift (``InputStats.cholesky`` default)
+
 Pipeline = Callable[..., None]
 PIPELINES: dict[str, Pipeline] = {}
 
@@ -168,8 +170,9 @@ def _stage_stats(block, twin, block_name, stage, stage_mods, comp, dense, needs_
         if twin_module is not None:
             bd = dense[i]
             xd = module_input(lambda bd=bd: run_block(twin, bd), twin_module)
-            c = (xc.T @ xd.reshape(-1, in_features).float()).to(torch.float64)
-            cross = c if cross is None else cross.add_(c)
+            if cross is None:
+                cross = xc.new_zeros((in_features, in_features), dtype=torch.float64)
+            cross.add_(xc.T @ xd.reshape(-1, in_features).float())  # no f64 temporary
     stats.check_finite(first)
     return {n: stats for n in stage}, cross
 
@@ -243,6 +246,10 @@ def compress_block(
         )
         if dist is not None:
             dist.reduce_stats(inputs[stage[0]], cross)
+        if needs_gram:  # keep the Cholesky factors the stage uses, drop the Gram itself
+            eps = {getattr(config, "eps", DEFAULT_EPS)} if "gram" in spec.needs else set()
+            eps |= {DEFAULT_EPS} if config.refit else set()
+            inputs[stage[0]].release_gram(tuple(sorted(eps)), stage[0])
         weights = _StageWeights(mods, inputs, cross, stage)
         del cross
         for n in stage:

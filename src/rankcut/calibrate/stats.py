@@ -30,8 +30,9 @@ class InputStats:
         # running sums across batches in float64 (exact enough for Cholesky).
         x = x.detach().reshape(-1, self.in_features).float()
         if self.want_gram:
-            g = (x.T @ x).to(torch.float64)
-            self.gram = g if self.gram is None else self.gram.add_(g)
+            if self.gram is None:
+                self.gram = x.new_zeros((self.in_features,) * 2, dtype=torch.float64)
+            self.gram.add_(x.T @ x)  # float32 product into the float64 sum: no f64 copy
         if self.want_abs:
             a = x.abs().sum(0, dtype=torch.float64)
             self.abs_sum = a if self.abs_sum is None else self.abs_sum.add_(a)
@@ -44,8 +45,28 @@ class InputStats:
 
         key = ("chol", eps)
         if key not in self.cache:
+            if self.gram is None:
+                from ..errors import RankcutError
+
+                raise RankcutError(
+                    f"no Gram matrix for {name or 'this input'} (not gathered, or released "
+                    f"after its Cholesky factor for another eps than {eps})"
+                )
             self.cache[key] = psd_cholesky(self.gram, eps=eps, name=name)
         return self.cache[key]
+
+    @property
+    def has_gram(self) -> bool:
+        """The Gram matrix, or a Cholesky factor of it, is available."""
+        return self.gram is not None or any(k[0] == "chol" for k in self.cache)
+
+    def release_gram(self, keep_eps: tuple[float, ...] = (1e-6,), name: str = "") -> None:
+        """Factor the Gram for each ``keep_eps``, then drop it to save an (in, in) float64."""
+        if self.gram is None:
+            return
+        for eps in keep_eps:
+            self.cholesky(eps, name)
+        self.gram = None
 
     @property
     def abs_mean(self) -> Tensor | None:

@@ -55,7 +55,7 @@ class AlternatingConfig(WhitenedConfig):
 def whitening(stats, config: WhitenedConfig, name: str, device) -> Tensor:
     """Cholesky factor ``S`` of the layer's input Gram, float64 (shared per input)."""
     inputs = getattr(stats, "inputs", None)
-    if inputs is None or inputs.gram is None:
+    if inputs is None or not inputs.has_gram:
         raise RankcutError(f"{config.method} needs the input Gram of {name}")
     return inputs.cholesky(config.eps, name).to(device=device, dtype=torch.float64)
 
