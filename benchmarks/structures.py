@@ -6,6 +6,7 @@ Usage:
     PYTHONPATH=src .venv/bin/python benchmarks/structures.py speed [--repeats 30]
     PYTHONPATH=src .venv/bin/python benchmarks/structures.py ppl [--ratios 0.2 0.4]
         [--methods svd-llm cur kronecker svd-sparse dense-sparse dictionary] [--tokens 4096]
+        [--calib shakespeare] [--pipeline whole] [--data shakespeare-heldout FILE.txt]
     PYTHONPATH=src .venv/bin/python benchmarks/structures.py report
 
 ``errors`` (a): real SmolLM2-135M matrices with real calibration statistics (Gram of
@@ -14,8 +15,8 @@ relative error ``||(W - W') S||_F / ||W S||_F`` (``S S^T = X^T X``) of every str
 25/50/75% of the dense parameter count (index storage included), against ``svd-llm``.
 ``speed`` (c): forward time of each layer type at batch 1 and batch 512 relative to the
 dense ``nn.Linear``, float32 on the CPU. ``ppl`` (b): the whole model compressed with
-each method (``rankcut compress --allocation uniform``), held-out perplexity with
-``rankcut eval``. Each step stores its part in ``benchmarks/results/structures.json``;
+each method at uniform ranks from one shared set of calibration statistics, held-out
+perplexity on each ``--data`` text. Each step stores its part in ``benchmarks/results/structures.json``;
 ``report`` (also run after each step) writes ``benchmarks/results/structures.md``.
 """
 
@@ -26,7 +27,6 @@ import json
 import math
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -209,81 +209,92 @@ def run_speed(args) -> None:
 
 
 # -- (b) perplexity ----------------------------------------------------------------------
-def cli(*argv: str) -> str:
-    cmd = [sys.executable, "-m", "rankcut.cli", "-q", *argv]
-    print("$ rankcut " + " ".join(argv), flush=True)
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode:
-        raise SystemExit(f"failed: {' '.join(argv)}\n{done.stderr[-2000:]}")
-    return done.stdout
-
-
 def run_ppl(args) -> None:
+    """Whole model, every method at the same uniform ranks and the same statistics.
+
+    The calibration statistics (input Grams) are gathered once on the dense model and
+    reused by every method and ratio, so methods differ only in their factorization.
+    """
+    import copy
+
+    import rankcut
+    from rankcut.data import load_text
+    from rankcut.data.generated import windows_from_spec
+    from rankcut.evaluate import param_summary, perplexity
+    from rankcut.methods import METHODS, SvdLlmConfig
+
     results = load_results().get("perplexity", {"rows": []})
     rows = {(r["method"], r["ratio"]): r for r in results["rows"]}
-    jobs = [("dense", None)] + [(m, r) for r in args.ratios for m in args.methods]
-    for method, ratio in jobs:
-        if (method, ratio) in rows and not args.redo:
-            continue
-        if method == "dense":
-            target, seconds = args.model, 0.0
-        else:
-            target = str(Path(args.runs) / f"{method}-{ratio}")
-            t0 = time.perf_counter()
-            cli(
-                "compress",
-                "--model",
-                args.model,
-                "--method",
-                method,
-                "--ratio",
-                str(ratio),
-                "--allocation",
-                "uniform",
-                "--samples",
-                str(args.samples),
-                "--seq-len",
-                str(args.seq_len),
-                "--out",
-                target,
-                "--overwrite",
-            )
-            seconds = time.perf_counter() - t0
-        report = json.loads(
-            cli(
-                "eval",
-                target,
-                "--data",
-                "shakespeare-heldout",
-                "--tokens",
-                str(args.tokens),
-                "--json",
-            )
-            .strip()
-            .splitlines()[-1]
-        )
-        rows[(method, ratio)] = {
-            "method": method,
-            "ratio": ratio,
-            "perplexity": report["perplexity"],
-            "params_total": report["params_total"],
-            "params_dense_equivalent": report["params_dense_equivalent"],
-            "tokens": report["tokens"],
-            "compress_seconds": round(seconds, 1),
+    torch.manual_seed(0)
+    tok = rankcut.load_tokenizer(args.model)
+    dense = rankcut.load(args.model)
+    texts = {name: load_text(name) for name in args.data}
+    calib = windows_from_spec(args.calib, tok, args.samples, args.seq_len, 0, model=dense)
+
+    def evaluate(model) -> dict[str, float]:
+        return {
+            name: perplexity(model, tok, text, tokens=args.tokens, progress=False)["perplexity"]
+            for name, text in texts.items()
         }
-        print(rows[(method, ratio)], flush=True)
+
+    def save(row_key, row) -> None:
+        rows[row_key] = row
+        print(row, flush=True)
         store(
             "perplexity",
             {
                 "command": command_line(),
+                "calib": args.calib,
+                "pipeline": args.pipeline,
                 "samples": args.samples,
                 "seq_len": args.seq_len,
                 "tokens": args.tokens,
+                "data": args.data,
                 "rows": list(rows.values()),
                 "date": now(),
             },
         )
         write_report()
+
+    if ("dense", None) not in rows or args.redo:
+        params = param_summary(dense)["params_total"]
+        save(
+            ("dense", None),
+            {
+                "method": "dense",
+                "ratio": None,
+                "perplexity": evaluate(dense),
+                "params_total": params,
+                "compress_seconds": 0.0,
+            },
+        )
+    t0 = time.perf_counter()
+    needs = SvdLlmConfig(allocation="uniform", pipeline="whole")
+    stats = rankcut.collect_statistics(dense, needs, calib, progress=False)
+    print(f"statistics: {time.perf_counter() - t0:.0f} s", flush=True)
+    for ratio in args.ratios:
+        for method in args.methods:
+            if (method, ratio) in rows and not args.redo:
+                continue
+            model = copy.deepcopy(dense)
+            config = METHODS[method].config_cls(
+                ratio=ratio, allocation="uniform", pipeline=args.pipeline
+            )
+            t0 = time.perf_counter()
+            result = rankcut.compress(model, config, calib, stats=stats, progress=False)
+            seconds = time.perf_counter() - t0
+            save(
+                (method, ratio),
+                {
+                    "method": method,
+                    "ratio": ratio,
+                    "perplexity": evaluate(model),
+                    "params_total": result.params["model_after"],
+                    "kept_dense": len(result.kept_dense),
+                    "compress_seconds": round(seconds, 1),
+                },
+            )
+            del model
 
 
 # -- report ------------------------------------------------------------------------------
@@ -362,27 +373,37 @@ def ppl_table(data: dict) -> list[str]:
     dense = next((r for r in rows if r["method"] == "dense"), None)
     ratios = sorted({r["ratio"] for r in rows if r["ratio"] is not None})
     methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "dense"))
-    if not ratios:
-        ppl = f"{dense['perplexity']:.2f}" if dense else "not run"
-        return [f"Dense model: perplexity {ppl}. No compressed run finished."]
+    texts = data.get("data", ["shakespeare-heldout"])
     out = [
+        f"Calibration `{data.get('calib')}` ({data['samples']} x {data['seq_len']} tokens), "
+        f"statistics gathered once and shared; pipeline `{data.get('pipeline')}`, uniform "
+        f"ranks; perplexity on the first {data['tokens']} tokens of "
+        + ", ".join(f"`{t}`" for t in texts)
+        + " (in that order).",
+        "",
         "| method | "
-        + " | ".join(f"ratio {r}: ppl (model params, compress s)" for r in ratios)
+        + " | ".join(f"ratio {r}: ppl (x dense), params, compress s" for r in ratios)
         + " |",
         "|---|" + "---|" * len(ratios),
     ]
+
+    def ppl(row) -> str:
+        return " / ".join(
+            f"{row['perplexity'][t]:.2f}"
+            + (f" ({row['perplexity'][t] / dense['perplexity'][t]:.2f}x)" if dense else "")
+            for t in texts
+        )
+
     if dense:
         out.append(
-            f"| dense | {dense['perplexity']:.2f} ({dense['params_total']:,}) |"
-            + " |" * (len(ratios) - 1)
+            f"| dense | {ppl(dense)}, {dense['params_total']:,} |" + " |" * (len(ratios) - 1)
         )
     for m in methods:
         cells = []
         for ratio in ratios:
             sel = [r for r in rows if r["method"] == m and r["ratio"] == ratio]
             cells.append(
-                f"{sel[0]['perplexity']:.2f} ({sel[0]['params_total']:,}, "
-                f"{sel[0]['compress_seconds']:.0f})"
+                f"{ppl(sel[0])}, {sel[0]['params_total']:,}, {sel[0]['compress_seconds']:.0f}"
                 if sel
                 else "not run"
             )
@@ -443,7 +464,9 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--tokens", type=int, default=4096)
-    p.add_argument("--runs", default="runs/structures")
+    p.add_argument("--calib", default="shakespeare")
+    p.add_argument("--pipeline", default="whole", choices=["whole", "sequential"])
+    p.add_argument("--data", nargs="+", default=["shakespeare-heldout"])
     p.add_argument("--redo", action="store_true")
     sub.add_parser("report")
     args = parser.parse_args()

@@ -156,3 +156,25 @@ def test_reused_statistics_give_the_same_model(windows):
     fewer = {n: s for n, s in stats.items() if "mlp" not in n}
     with pytest.raises(RankcutError, match="lack"):
         rankcut.compress(copy.deepcopy(dense), config, windows, progress=False, stats=fewer)
+
+
+def test_auto_pipeline_is_sequential_with_calibration_and_whole_without():
+    from rankcut.methods import SvdConfig
+
+    x = calib()
+    model = tiny_llama()
+    result = rankcut.compress(model, SvdLlmConfig(ratio=0.3), x, progress=False)
+    assert result.config.pipeline == "sequential"
+    assert model.rankcut_meta["method_config"]["pipeline"] == "sequential"
+    plain = rankcut.compress(tiny_llama(), SvdConfig(ratio=0.3, allocation="uniform"), None)
+    assert plain.config.pipeline == "whole"
+
+
+def test_auto_pipeline_equals_explicit_sequential():
+    x = calib()
+    a, b = tiny_llama(), tiny_llama()
+    rankcut.compress(a, SvdLlmConfig(ratio=0.4), x, progress=False)
+    rankcut.compress(b, SvdLlmConfig(ratio=0.4, pipeline="sequential"), x, progress=False)
+    for (na, la), (nb, lb) in zip(factorized_modules(a), factorized_modules(b), strict=True):
+        assert na == nb
+        torch.testing.assert_close(la.weight_product(), lb.weight_product(), rtol=0, atol=0)
