@@ -20,6 +20,10 @@ need loss gradients (``fwsvd``) need the whole model and are refused too.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
+import gc
 import hashlib
 import json
 import logging
@@ -188,6 +192,30 @@ def _swap(model: nn.Module, new: dict[int, nn.Parameter]) -> None:
         for name, p in list(sub._parameters.items()):
             if p is not None and id(p) in new:
                 sub._parameters[name] = new[id(p)]
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's ``malloc_trim`` (None elsewhere): hands freed heap pages back to the OS."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def return_freed_memory() -> None:
+    """Give memory freed by released layers back to the OS.
+
+    Layer tensors of a few to tens of MB are allocated from the C heap; once freed,
+    glibc keeps them for reuse and the resident size creeps up layer after layer
+    (measured on the 1.3B benchmark: +0.6 GB over 20 streamed layers). Trimming after
+    each layer keeps the peak at one layer's working set.
+    """
+    gc.collect()
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _release(model: nn.Module, module: nn.Module) -> None:
@@ -481,6 +509,7 @@ def stream_compress(
             h.remove()
     for name in pre_loaded:
         _release(model, model.get_submodule(name) if name else model)
+    return_freed_memory()
     rest = [(b.args, b.kwargs) for b in captured]
 
     def stream(tag, k, hiddens=None):
@@ -544,6 +573,7 @@ def stream_compress(
         for n, m in todo.items():
             if n.startswith(block_name + "."):
                 _release(model, m)  # the replaced dense linears (still referenced by todo)
+        return_freed_memory()
         state["done"] = k
         state["layer_seconds"].append(round(time.perf_counter() - t0, 3))
         if main:
@@ -581,6 +611,7 @@ def stream_compress(
         _atomic_save(tensors, partial / shard_names[len(blocks) + j])
         weight_map.update({n: shard_names[len(blocks) + j] for n in names})
         del tensors, loaded
+        return_freed_memory()
 
     final_ranks = {n: ranks[n] for n in todo}
     params = api.param_report(model, before, shapes, tied_targets, final_ranks)
