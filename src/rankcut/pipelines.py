@@ -151,30 +151,40 @@ def _refit_target(weight: Tensor, inputs: InputStats, cross: Tensor, name: str) 
     return torch.cholesky_solve(rhs, chol).T
 
 
-def _stage_stats(block, twin, block_name, stage, stage_mods, comp, dense, needs_gram, needs_abs):
-    """Statistics of one stage's shared input, each pass stopped at that input.
-
-    Returns ``({name: InputStats of X'}, C)`` where ``X'`` are the compressed-stream
-    inputs and, when ``twin`` is given, ``C = X'^T X`` pairs them with the dense stream.
-    """
+def _stage_stats(block, stage, stage_mods, comp, needs_gram, needs_abs):
+    """Statistics of one stage's shared input ``X'`` (compressed stream), each pass
+    stopped at that input. Returns ``{name: InputStats}`` (one object for the stage)."""
     first = stage[0]
     module = stage_mods[first]
     in_features = dense_weight(module).shape[1]
     stats = InputStats(in_features, want_gram=needs_gram, want_abs=needs_abs)
-    twin_module = twin.get_submodule(first[len(block_name) + 1 :]) if twin is not None else None
-    cross = None
-    for i, bc in enumerate(comp):
+    for bc in comp:
         xc = module_input(lambda bc=bc: run_block(block, bc), module)
-        xc = xc.reshape(-1, in_features).float()
-        stats.update(xc)
-        if twin_module is not None:
-            bd = dense[i]
-            xd = module_input(lambda bd=bd: run_block(twin, bd), twin_module)
-            if cross is None:
-                cross = xc.new_zeros((in_features, in_features), dtype=torch.float64)
-            cross.add_(xc.T @ xd.reshape(-1, in_features).float())  # no f64 temporary
+        stats.update(xc.reshape(-1, in_features))
     stats.check_finite(first)
-    return {n: stats for n in stage}, cross
+    return {n: stats for n in stage}
+
+
+def _stage_cross(block, twin, block_name, first, module, comp, dense) -> Tensor:
+    """``C = X'^T X``: the stage's compressed-stream inputs against the dense stream's.
+
+    A second pass over the windows (after the Gram has been factored and dropped), so
+    that the Gram, its Cholesky factor and ``C`` (each ``in x in`` float64) are never
+    alive together.
+    """
+    in_features = dense_weight(module).shape[1]
+    twin_module = twin.get_submodule(first[len(block_name) + 1 :])
+    cross = None
+    for bc, bd in zip(comp, dense, strict=True):
+        xc = module_input(lambda bc=bc: run_block(block, bc), module)
+        xd = module_input(lambda bd=bd: run_block(twin, bd), twin_module)
+        if cross is None:
+            cross = xc.new_zeros((in_features, in_features), dtype=torch.float64)
+        # float32 product added into the float64 sum: no float64 temporary
+        cross.add_(xc.reshape(-1, in_features).float().T @ xd.reshape(-1, in_features).float())
+    if not bool(torch.isfinite(cross).all()):
+        raise RankcutError(f"non-finite cross product for {first}: the calibration overflowed")
+    return cross
 
 
 def check_sequential(model, todo) -> list[tuple[str, nn.Module]]:
@@ -241,15 +251,19 @@ def compress_block(
     index = 0
     for stage in _stages(block, mods, comp[0]):
         stage_mods = {n: mods[n] for n in stage}
-        inputs, cross = _stage_stats(
-            block, twin, block_name, stage, stage_mods, comp, dense, needs_gram, needs_abs
-        )
+        inputs = _stage_stats(block, stage, stage_mods, comp, needs_gram, needs_abs)
         if dist is not None:
-            dist.reduce_stats(inputs[stage[0]], cross)
+            dist.reduce_stats(inputs[stage[0]], None)
         if needs_gram:  # keep the Cholesky factors the stage uses, drop the Gram itself
             eps = {getattr(config, "eps", DEFAULT_EPS)} if "gram" in spec.needs else set()
             eps |= {DEFAULT_EPS} if config.refit else set()
             inputs[stage[0]].release_gram(tuple(sorted(eps)), stage[0])
+        cross = None
+        if twin is not None:
+            first = stage[0]
+            cross = _stage_cross(block, twin, block_name, first, stage_mods[first], comp, dense)
+            if dist is not None:
+                dist.all_reduce(cross)
         weights = _StageWeights(mods, inputs, cross, stage)
         del cross
         for n in stage:
