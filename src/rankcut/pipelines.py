@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from .calibrate import InputStats, LayerStats, collect_layer_stats
 from .calibrate.sequential import capture_block_inputs, module_input, run_block
+from .calibrate.stats import add_gram
 from .errors import RankcutError
 from .layers import LowRankLinear, dense_weight
 from .methods import MethodConfig, MethodSpec
@@ -180,8 +181,7 @@ def _stage_cross(block, twin, block_name, first, module, comp, dense) -> Tensor:
         xd = module_input(lambda bd=bd: run_block(twin, bd), twin_module)
         if cross is None:
             cross = xc.new_zeros((in_features, in_features), dtype=torch.float64)
-        # float32 product added into the float64 sum: no float64 temporary
-        cross.add_(xc.reshape(-1, in_features).float().T @ xd.reshape(-1, in_features).float())
+        add_gram(cross, xc.reshape(-1, in_features).float(), xd.reshape(-1, in_features).float())
     if not bool(torch.isfinite(cross).all()):
         raise RankcutError(f"non-finite cross product for {first}: the calibration overflowed")
     return cross
