@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .calibrate import InputStats, LayerStats, collect_layer_stats
 from .calibrate.sequential import capture_block_inputs, module_input, run_block
-from .calibrate.stats import add_gram
+from .calibrate.stats import DEFAULT_EPS, add_gram
 from .errors import RankcutError
 from .layers import LowRankLinear, dense_weight
 from .methods import MethodConfig, MethodSpec
@@ -30,7 +30,6 @@ from .models import find_decoder_layers, replace_module
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_EPS = 1e-6  # the refit's Cholesky shift (``InputStats.cholesky`` default)
 
 Pipeline = Callable[..., None]
 PIPELINES: dict[str, Pipeline] = {}
@@ -336,6 +335,4 @@ def resolve_pipeline(model: nn.Module, todo, pipeline: str, calibration) -> str:
 def run_auto(model, todo, ranks, spec, config, calibration, stats=None, progress=True):
     """Run the pipeline ``auto`` resolves to (``compress`` resolves it up front)."""
     name = resolve_pipeline(model, todo, AUTO, calibration)
-    if name == "whole" and stats is None and spec.needs:
-        stats = collect_layer_stats(model, todo, calibration, spec.needs, progress=progress)
     PIPELINES[name](model, todo, ranks, spec, config, calibration, stats=stats, progress=progress)

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+DEFAULT_EPS = 1e-6  # Cholesky shift used when none is given (the refit's, SVD-LLM's default)
+
 
 def add_gram(acc: Tensor, a: Tensor, b: Tensor, rows: int = 1024) -> Tensor:
     """``acc += a^T b`` (``acc`` float64, ``a``/``b`` float32 ``(tokens, in)``), a block of
@@ -47,7 +49,7 @@ class InputStats:
             self.abs_sum = a if self.abs_sum is None else self.abs_sum.add_(a)
         self.tokens += x.shape[0]
 
-    def cholesky(self, eps: float = 1e-6, name: str = "") -> Tensor:
+    def cholesky(self, eps: float = DEFAULT_EPS, name: str = "") -> Tensor:
         """Cholesky factor of the Gram matrix, computed once per ``eps`` and shared by
         every module reading this input (allocation spectra and SVD-LLM factors alike)."""
         from ..decompose import psd_cholesky
@@ -69,7 +71,7 @@ class InputStats:
         """The Gram matrix, or a Cholesky factor of it, is available."""
         return self.gram is not None or any(k[0] == "chol" for k in self.cache)
 
-    def release_gram(self, keep_eps: tuple[float, ...] = (1e-6,), name: str = "") -> None:
+    def release_gram(self, keep_eps: tuple[float, ...] = (DEFAULT_EPS,), name: str = "") -> None:
         """Factor the Gram for each ``keep_eps``, then drop it to save an (in, in) float64."""
         if self.gram is None:
             return
