@@ -144,3 +144,29 @@ def test_released_gram_keeps_its_cholesky_factor():
     torch.testing.assert_close(stats.cholesky(1e-6, "demo"), chol)
     with pytest.raises(RankcutError, match="released"):
         stats.cholesky(1e-3, "demo")
+
+
+@pytest.mark.parametrize("shape", [(40, 25), (25, 40)])
+@pytest.mark.parametrize("deficient", [False, True])
+def test_truncated_svd_matches_lapack(shape, deficient):
+    """The eigendecomposition route (and its fallback on a spectrum that falls to zero)
+    gives LAPACK's leading triplets: same values, same rank-r product, orthonormal."""
+    from rankcut.decompose.svd import truncated_svd
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(*shape, generator=g, dtype=torch.float64)
+    if deficient:  # rank 6: the 10th singular value is ~0, the route must fall back
+        a = torch.randn(shape[0], 6, generator=g, dtype=torch.float64) @ torch.randn(
+            6, shape[1], generator=g, dtype=torch.float64
+        )
+    rank = 10
+    u, s, vh = truncated_svd(a, rank)
+    u0, s0, vh0 = torch.linalg.svd(a, full_matrices=False)
+    assert u.shape == (shape[0], rank) and vh.shape == (rank, shape[1])
+    torch.testing.assert_close(s, s0[:rank])
+    torch.testing.assert_close(
+        (u * s) @ vh, (u0[:, :rank] * s0[:rank]) @ vh0[:rank], atol=1e-9, rtol=1e-9
+    )
+    if not deficient:
+        torch.testing.assert_close(u.T @ u, torch.eye(rank, dtype=torch.float64))
+        torch.testing.assert_close(vh @ vh.T, torch.eye(rank, dtype=torch.float64))

@@ -58,3 +58,32 @@ def test_extra_repr_and_structure():
     assert "rank=2" in repr(lr)
     rebuilt = LowRankLinear.from_structure(lr.structure(), device="cpu")
     assert rebuilt.structure() == lr.structure()
+
+
+def test_fast_forward_equals_module_calls_and_keeps_hooks():
+    """The functional fast path gives the module path's output; hooks and wrappers on the
+    factors still run (calibration hooks and LoRA adapters rely on them)."""
+    torch.manual_seed(0)
+    lr = LowRankLinear.from_linear(nn.Linear(12, 8), rank=4)
+    x = torch.randn(3, 12, requires_grad=True)
+    fast = lr(x)
+    torch.testing.assert_close(fast, lr.up(lr.down(x)), atol=0, rtol=0)
+    fast.sum().backward()
+    assert lr.down.weight.grad is not None and x.grad is not None
+
+    seen = []
+    handle = lr.down.register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    lr(x)
+    handle.remove()
+    assert seen == [torch.Size([3, 4])]
+
+    class Scaled(nn.Module):  # a wrapper in place of a factor, as peft's LoRA layers are
+        def __init__(self, base):
+            super().__init__()
+            self.base = base
+
+        def forward(self, h):
+            return 2 * self.base(h)
+
+    lr.up = Scaled(lr.up)
+    torch.testing.assert_close(lr(x), 2 * fast, atol=1e-6, rtol=1e-6)

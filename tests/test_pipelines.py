@@ -178,3 +178,55 @@ def test_auto_pipeline_equals_explicit_sequential():
     for (na, la), (nb, lb) in zip(factorized_modules(a), factorized_modules(b), strict=True):
         assert na == nb
         torch.testing.assert_close(la.weight_product(), lb.weight_product(), rtol=0, atol=0)
+
+
+def test_refit_at_full_rank_is_the_least_squares_map():
+    """Block 1 at full rank after a truncated block 0: each matrix must be the map that
+    best reproduces the dense layer's outputs from the compressed model's inputs,
+    ``argmin ||X' W^T - X W_dense^T||``. Covers both ways the cross products are formed
+    (``down_proj`` is narrower out than in: direct; the others go through ``X'^T X``)."""
+    x = calib(n=8, seq=48)
+    dense = tiny_llama()
+    model = copy.deepcopy(dense)
+    targets = find_targets(model)
+    ranks = {
+        n: (min(dense_weight(m).shape) if ".layers.1." in n else 8) for n, m in targets.items()
+    }
+    block1 = [n for n in targets if ".layers.1." in n]
+    run_sequential(
+        model,
+        targets,
+        ranks,
+        METHODS["svd-llm"],
+        SvdLlmConfig(pipeline="sequential"),
+        x,
+        progress=False,
+    )
+
+    def inputs(m):
+        got = {}
+        hooks = [
+            m.get_submodule(n).register_forward_pre_hook(
+                lambda mod, args, n=n: got.update({n: args[0].reshape(-1, args[0].shape[-1])})
+            )
+            for n in block1
+        ]
+        with torch.no_grad():
+            m(input_ids=x)
+        for h in hooks:
+            h.remove()
+        return got
+
+    xc, xd = inputs(model), inputs(dense)
+    for n in block1:
+        w = dense_weight(dense.get_submodule(n)).detach().double()
+        a, b = xc[n].double(), xd[n].double() @ w.T
+        expected = torch.linalg.lstsq(a, b).solution.T
+        got = model.get_submodule(n).weight_product().detach().double()
+        assert not torch.allclose(xc[n], xd[n], atol=1e-3)  # the inputs really differ
+        # Compared through the outputs: where X' is nearly rank-deficient the map itself
+        # is poorly determined, its outputs are not.
+        torch.testing.assert_close(a @ got.T, a @ expected.T, atol=1e-4, rtol=1e-4)
+        assert float(torch.linalg.norm(a @ got.T - b)) <= 1.0001 * float(
+            torch.linalg.norm(a @ expected.T - b)
+        )

@@ -6,12 +6,13 @@ lies in a decoder block, else ``whole`` (``resolve_pipeline``).
 ``sequential``: decoder block by decoder block; each block's statistics come from the
 outputs of the already-compressed blocks before it, and with ``refit`` each matrix is
 fitted to reproduce the *dense* block's outputs from the compressed inputs. Only one
-block's activations (two streams with ``refit``) are held at a time.
+block's activations are held at a time (with ``refit``: two streams, plus the dense
+stream's inputs to each stage of the block being compressed, instead of a dense copy
+of the block).
 """
 
 from __future__ import annotations
 
-import copy
 import functools
 import logging
 from collections.abc import Callable
@@ -137,17 +138,17 @@ def _stages(block: nn.Module, modules: dict[str, nn.Module], first) -> list[list
     return stages
 
 
-def _refit_target(weight: Tensor, inputs: InputStats, cross: Tensor, name: str) -> Tensor:
-    """``W_ls = W C^T G'^-1``: the map that best reproduces dense outputs from compressed inputs.
+def _refit_target(rhs: Tensor, inputs: InputStats, name: str) -> Tensor:
+    """``W_ls = (G'^-1 C W^T)^T``: the map that best reproduces dense outputs from
+    compressed inputs, from ``rhs = C W^T = X'^T X W^T``.
 
-    ``G' = X'^T X'`` (compressed inputs), ``C = X'^T X`` (compressed x dense inputs).
+    ``G' = X'^T X'`` (compressed inputs ``X'``), ``X`` the dense model's inputs.
     Minimizes ``||X' W_ls^T - X W^T||_F``; factorizing ``W_ls`` with whitening by ``G'``
     then solves the rank-constrained problem exactly (reduced-rank regression).
     """
     # The factor is cached on the statistics: a method whitening with the same eps
     # (SVD-LLM's default) reuses it instead of holding a second (in, in) matrix.
     chol = inputs.cholesky(name=name)
-    rhs = cross.to(torch.float64) @ weight.T  # C W^T, (in, out)
     return torch.cholesky_solve(rhs, chol).T
 
 
@@ -165,25 +166,56 @@ def _stage_stats(block, stage, stage_mods, comp, needs_gram, needs_abs):
     return {n: stats for n in stage}
 
 
-def _stage_cross(block, twin, block_name, first, module, comp, dense) -> Tensor:
-    """``C = X'^T X``: the stage's compressed-stream inputs against the dense stream's.
+def _dense_pass(block, firsts: dict[str, nn.Module], dense, spill) -> tuple[dict, list[Tensor]]:
+    """One pass of the still-dense ``block`` over the dense stream: the input of each
+    stage (``firsts``: its first module) and the block's outputs, batch by batch.
 
-    A second pass over the windows (after the Gram has been factored and dropped), so
-    that the Gram, its Cholesky factor and ``C`` (each ``in x in`` float64) are never
-    alive together.
+    Keeping these activations replaces a dense copy of the block: each dense weight is
+    needed only until its own module is factorized.
+    """
+    captured = {name: spill(name) for name in firsts}
+
+    def hook_for(name):
+        def hook(module, args):
+            captured[name].append(args[0].detach())
+
+        return hook
+
+    from .calibrate import HookManager
+
+    outputs = []
+    with HookManager() as hooks:
+        for name, module in firsts.items():
+            hooks.forward_pre(module, hook_for(name))
+        for bd in dense:
+            outputs.append(run_block(block, bd))
+    return captured, outputs
+
+
+def _stage_cross(block, module, stage_mods, comp, dense_inputs) -> dict[str, Tensor]:
+    """The refit's cross products for one stage, compressed-stream inputs ``X'`` against
+    the dense model's: ``{name_j: X'^T X W_j^T}`` (``(in, out_j)``) when the stage's
+    outputs are narrower than its input (``down_proj``: 5504 in, 2048 out), else
+    ``{"": C = X'^T X}`` (``(in, in)``, to be multiplied by each ``W_j^T``): whichever
+    holds fewer numbers (float64). Run after the Gram has been factored and dropped.
     """
     in_features = dense_weight(module).shape[1]
-    twin_module = twin.get_submodule(first[len(block_name) + 1 :])
-    cross = None
-    for bc, bd in zip(comp, dense, strict=True):
-        xc = module_input(lambda bc=bc: run_block(block, bc), module)
-        xd = module_input(lambda bd=bd: run_block(twin, bd), twin_module)
-        if cross is None:
-            cross = xc.new_zeros((in_features, in_features), dtype=torch.float64)
-        add_gram(cross, xc.reshape(-1, in_features).float(), xd.reshape(-1, in_features).float())
-    if not bool(torch.isfinite(cross).all()):
-        raise RankcutError(f"non-finite cross product for {first}: the calibration overflowed")
-    return cross
+    weights = {n: dense_weight(m).detach() for n, m in stage_mods.items()}
+    direct = sum(w.shape[0] for w in weights.values()) < in_features
+    acc: dict[str, Tensor] = {}
+    for bc, xd in zip(comp, dense_inputs, strict=True):
+        xc = module_input(lambda bc=bc: run_block(block, bc), module).reshape(-1, in_features)
+        xd = xd.reshape(-1, in_features).float()
+        pairs = {n: xd @ w.float().T for n, w in weights.items()} if direct else {"": xd}
+        for n, b in pairs.items():
+            if n not in acc:
+                acc[n] = xc.new_zeros((in_features, b.shape[1]), dtype=torch.float64)
+            add_gram(acc[n], xc.float(), b)
+        del pairs
+    for n, t in acc.items():
+        if not bool(torch.isfinite(t).all()):
+            raise RankcutError(f"non-finite cross product for {n or module}: overflow")
+    return acc
 
 
 def check_sequential(model, todo) -> list[tuple[str, nn.Module]]:
@@ -201,19 +233,24 @@ def check_sequential(model, todo) -> list[tuple[str, nn.Module]]:
 
 class _StageWeights:
     """The matrix to factorize for each module of a stage: the dense weight, or its refit
-    target while ``cross`` is given; the (in, in) cross product is dropped once the last
-    target has been formed, before that module's factorization."""
+    target while ``cross`` (from ``_stage_cross``) is given; cross products are dropped
+    as soon as the targets that need them are formed, before the factorization."""
 
-    def __init__(self, mods, inputs, cross: Tensor | None, stage: list[str]) -> None:
+    def __init__(self, mods, inputs, cross: dict[str, Tensor] | None, stage: list[str]) -> None:
         self.mods, self.inputs, self.cross, self.left = mods, inputs, cross, len(stage)
 
     def __call__(self, name: str) -> Tensor:
         w = dense_weight(self.mods[name]).detach().to(torch.float64)
-        cross = self.cross
+        if self.cross is None:
+            return w
         self.left -= 1
-        if self.left == 0:
-            self.cross = None
-        return w if cross is None else _refit_target(w, self.inputs[name], cross, name)
+        if name in self.cross:
+            rhs = self.cross.pop(name)
+        else:  # the shared C = X'^T X
+            rhs = self.cross[""] @ w.T
+            if self.left == 0:
+                self.cross = None
+        return _refit_target(rhs, self.inputs[name], name)
 
 
 def compress_block(
@@ -229,6 +266,7 @@ def compress_block(
     fisher,
     dist=None,
     release=None,
+    spill=None,
 ):
     """Compress the targets of one decoder block, stage by stage, in place.
 
@@ -237,18 +275,23 @@ def compress_block(
     ``BlockInputs``. With ``dist`` (several processes, each holding its share of the
     windows) the statistics are summed over the ranks and the block's matrices are
     divided among them. ``release(module)``, when given, is called on each dense linear
-    once its factors replace it (the streaming pipeline frees its weight). Returns the
-    dense twin of the block (with ``refit``) so the
-    dense stream can be advanced, else ``None``.
+    once its factors replace it (the streaming pipeline frees its weight). ``spill(name)``
+    makes the container for the dense stream's activations at each stage input
+    (default: a list in memory; ``SpilledTensors`` moves them to disk).
+
+    Returns the dense block's outputs on ``dense`` (a list of hidden states, taken
+    before anything is factorized), or ``None`` without ``refit``.
     """
     needs_gram = "gram" in spec.needs or config.refit
     needs_abs = "abs_mean" in spec.needs
     mods = {n: m for n, m in todo.items() if n.startswith(block_name + ".")}
-    twin = copy.deepcopy(block) if config.refit else None
-    if not mods:
-        return twin
+    stages = _stages(block, mods, comp[0]) if mods else []
+    dense_out = None
+    if config.refit:
+        firsts = {stage[0]: mods[stage[0]] for stage in stages}
+        dense_inputs, dense_out = _dense_pass(block, firsts, dense, spill or (lambda _: []))
     index = 0
-    for stage in _stages(block, mods, comp[0]):
+    for stage in stages:
         stage_mods = {n: mods[n] for n in stage}
         inputs = _stage_stats(block, stage, stage_mods, comp, needs_gram, needs_abs)
         if dist is not None:
@@ -258,11 +301,16 @@ def compress_block(
             eps |= {DEFAULT_EPS} if config.refit else set()
             inputs[stage[0]].release_gram(tuple(sorted(eps)), stage[0])
         cross = None
-        if twin is not None:
+        if config.refit:
             first = stage[0]
-            cross = _stage_cross(block, twin, block_name, first, stage_mods[first], comp, dense)
+            xd = dense_inputs.pop(first)
+            cross = _stage_cross(block, stage_mods[first], stage_mods, comp, xd)
+            if hasattr(xd, "clear"):
+                xd.clear()
+            del xd
             if dist is not None:
-                dist.all_reduce(cross)
+                for t in cross.values():
+                    dist.all_reduce(t)
         weights = _StageWeights(mods, inputs, cross, stage)
         del cross
         for n in stage:
@@ -278,14 +326,12 @@ def compress_block(
             if release is not None:
                 release(mods[n])
         del weights, weight
-    return twin
+    return dense_out
 
 
-def advance(block, twin, comp, dense):
-    """Outputs of ``block`` (and of its dense ``twin``) on the cached inputs, in order."""
-    comp_out = (b.with_hidden(run_block(block, b)) for b in comp)
-    dense_out = (b.with_hidden(run_block(twin, b)) for b in dense) if twin is not None else None
-    return comp_out, dense_out
+def advance(block, comp):
+    """Outputs of the (compressed) ``block`` on the cached inputs, in order (lazily)."""
+    return (run_block(block, b) for b in comp)
 
 
 @register_pipeline("sequential")
@@ -299,14 +345,13 @@ def run_sequential(model, todo, ranks, spec, config, calibration, stats=None, pr
     comp = capture_block_inputs(model, blocks[0][1], calibration, batch_size=4)
     dense = list(comp) if config.refit else None
     for block_name, block in tqdm(blocks, desc=f"{spec.name} (sequential)", disable=not progress):
-        twin = compress_block(
+        dense_out = compress_block(
             model, block_name, block, todo, ranks, spec, config, comp, dense, fisher
         )
-        comp_out, dense_out = advance(block, twin, comp, dense)
-        comp = list(comp_out)
+        comp = [b.with_hidden(h) for b, h in zip(comp, advance(block, comp), strict=True)]
         if dense_out is not None:
-            dense = list(dense_out)
-        del twin
+            dense = [b.with_hidden(h) for b, h in zip(dense, dense_out, strict=True)]
+        del dense_out
 
 
 AUTO = "auto"

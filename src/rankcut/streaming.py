@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .calibrate.sequential import BlockInputs, capture_block_inputs
+from .calibrate.sequential import BlockInputs, SpilledTensors, capture_block_inputs
 from .distributed import Dist, split_windows
 from .errors import RankcutError
 from .io import INDEX_FILE, META_FILE, WEIGHTS_FILE, build_meta, check_output_dir
@@ -381,9 +381,9 @@ def stream_compress(
 ) -> dict | None:
     """Compress the safetensors checkpoint in ``folder`` block by block into ``out``.
 
-    Never holds more than one decoder block's weights (two copies with ``refit``: the
-    block and its dense twin) plus the modules before the first block while the
-    calibration windows are embedded. ``out`` is a rankcut folder with sharded
+    Never holds more than one decoder block's weights (plus, with ``refit``, the dense
+    model's activations at the block's stage inputs, spilled to disk like the streams),
+    and the modules before the first block while the calibration windows are embedded. ``out`` is a rankcut folder with sharded
     safetensors that ``rankcut.load`` reads.
 
     Args:
@@ -541,7 +541,8 @@ def stream_compress(
         api._check_finite_weights(
             {n: model.get_submodule(n) for n in todo if n.startswith(block_name + ".")}
         )
-        twin = compress_block(
+        spill_dir = acts / f"block-{k}"
+        dense_out = compress_block(
             model,
             block_name,
             block,
@@ -553,12 +554,15 @@ def stream_compress(
             dense,
             {},
             dist=dist,
-            release=lambda m: _release(model, m),
+            release=lambda m: (_release(model, m), return_freed_memory()),
+            spill=lambda name, d=spill_dir: SpilledTensors(d / name, limit),
         )
-        comp_out, dense_out = advance(block, twin, comp, dense)
-        new_comp = stream("comp", k, (b.hidden for b in comp_out))
-        new_dense = stream("dense", k, (b.hidden for b in dense_out)) if twin is not None else None
-        del twin
+        new_comp = stream("comp", k, advance(block, comp))
+        new_dense = stream("dense", k, dense_out) if dense_out is not None else None
+        if dense_out is not None:
+            dense_out.clear()
+        del dense_out
+        shutil.rmtree(spill_dir, ignore_errors=True)
         _barrier(dist)  # every rank's activations are on disk before the state moves on
         if main:
             tensors = {

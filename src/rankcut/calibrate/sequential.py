@@ -7,7 +7,10 @@ activations are alive at a time.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -93,3 +96,52 @@ def module_input(run, module: nn.Module) -> Tensor:
     if not got:
         raise RankcutError(f"{type(module).__name__} was not called by its block")
     return got[0]
+
+
+class SpilledTensors:
+    """An append-only sequence of tensors that moves to files once it outgrows a limit.
+
+    Holds a block's dense-model activations while that block is compressed. Without a
+    ``folder`` everything stays in memory; with one, every tensor appended after the
+    total passed ``limit_bytes`` is written to ``folder`` and read back when iterated.
+    ``clear()`` drops both.
+    """
+
+    def __init__(self, folder: str | os.PathLike | None = None, limit_bytes: int = 0) -> None:
+        self.folder = Path(folder) if folder is not None else None
+        self.limit = limit_bytes
+        self.items: list[Tensor | tuple[Path, torch.device]] = []
+        self.bytes = 0
+
+    def append(self, tensor: Tensor) -> None:
+        tensor = tensor.detach()
+        self.bytes += tensor.numel() * tensor.element_size()
+        if self.folder is None or self.bytes <= self.limit:
+            self.items.append(tensor)
+            return
+        from safetensors.torch import save_file
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"{len(self.items)}.safetensors"
+        save_file({"t": tensor.contiguous().cpu()}, str(path))
+        self.items.append((path, tensor.device))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __iter__(self) -> Iterator[Tensor]:
+        from safetensors.torch import load_file
+
+        for item in self.items:
+            if isinstance(item, Tensor):
+                yield item
+            else:
+                path, device = item
+                yield load_file(str(path), device=str(device))["t"]
+
+    def clear(self) -> None:
+        for item in self.items:
+            if not isinstance(item, Tensor):
+                item[0].unlink(missing_ok=True)
+        self.items = []
+        self.bytes = 0

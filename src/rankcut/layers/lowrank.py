@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as _module
 
 from .linear import dense_weight, linear_from
 
@@ -76,7 +78,12 @@ class LowRankLinear(nn.Module):
         return cls.from_factors(up, down, linear.bias, dtype=weight.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.up(self.down(x))
+        down, up = self.down, self.up
+        if _plain(down) and _plain(up):
+            # Two functional calls instead of two module calls: at batch-1 decode on
+            # small matrices the module-call overhead is as large as the arithmetic.
+            return F.linear(F.linear(x, down.weight), up.weight, up.bias)
+        return up(down(x))  # wrapped (e.g. a LoRA adapter) or hooked factors
 
     def weight_product(self) -> Tensor:
         """The dense ``(out, in)`` matrix ``up @ down`` (for analysis, not for forward)."""
@@ -122,3 +129,14 @@ class LowRankLinear(nn.Module):
             device=device,
             dtype=dtype,
         )
+
+
+def _plain(m: nn.Module) -> bool:
+    """``m`` is a bare ``nn.Linear`` whose call would run no hook (so ``F.linear`` on its
+    weight is exactly the module call)."""
+    return (
+        type(m) is nn.Linear
+        and not (m._forward_hooks or m._forward_pre_hooks)
+        and not (m._backward_hooks or m._backward_pre_hooks)
+        and not (_module._global_forward_hooks or _module._global_forward_pre_hooks)
+    )
