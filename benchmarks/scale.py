@@ -138,6 +138,12 @@ def main() -> None:
     )
     parser.add_argument("--keep", help="build (or reuse) the checkpoint here instead of a temp dir")
     parser.add_argument("--name", default="scale", help="results file stem (scale)")
+    parser.add_argument(
+        "--compare",
+        metavar="NAME",
+        help="results stem of an earlier run of the same job (e.g. the 1-process 'scale'): "
+        "its wall time is reported beside this one, with the ratio",
+    )
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="rankcut-scale-"))
@@ -237,6 +243,20 @@ def main() -> None:
         ("mean time per layer", f"{result['mean_layer_s']:.1f} s"),
         ("compressed output", f"{result['output_bytes'] / gib:.2f} GiB"),
     ]
+    if args.compare:
+        other = json.loads((RESULTS / f"{args.compare}.json").read_text())
+        result["compare"] = {
+            "name": args.compare,
+            "nproc": other["nproc"],
+            "wall_s": other["wall_s"],
+        }
+        rows += [
+            (
+                f"wall time of `{args.compare}` ({other['nproc']} process(es))",
+                f"{other['wall_s']:.0f} s",
+            ),
+            ("wall-time ratio (this / that)", f"{result['wall_s'] / other['wall_s']:.2f}"),
+        ]
     table = "| quantity | value |\n| --- | --- |\n" + "\n".join(f"| {a} | {b} |" for a, b in rows)
     compressed = (
         "all layers factorized"

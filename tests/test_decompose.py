@@ -170,3 +170,18 @@ def test_truncated_svd_matches_lapack(shape, deficient):
     if not deficient:
         torch.testing.assert_close(u.T @ u, torch.eye(rank, dtype=torch.float64))
         torch.testing.assert_close(vh @ vh.T, torch.eye(rank, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_all_finite(dtype):
+    from rankcut.calibrate.stats import all_finite
+
+    t = torch.full((4, 5), 3e4).to(dtype)
+    assert all_finite(t)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        u = t.clone()
+        u[2, 3] = bad
+        assert not all_finite(u)
+    u = t.clone()
+    u[0, 0], u[1, 1] = float("inf"), -float("inf")  # inf - inf: NaN, still caught
+    assert not all_finite(u)

@@ -124,6 +124,8 @@ def test_cli_compress_recover_and_finetune(
     assert "recovery: 6 steps" in text
     meta = rankcut.io.read_meta(out)
     assert meta["recovery"]["config"]["steps"] == 6
+    # default recovery data: 6 fresh windows sampled from the dense tiny Llama
+    assert meta["recovery"]["windows"] == 6 and meta["recovery"]["data"] == "auto"
     assert meta["method_config"]["allocation"] == "global"
     assert meta["method_config"]["pipeline"] == "sequential"
     code = main(
@@ -151,6 +153,15 @@ def test_cli_compress_recover_and_finetune(
     meta = rankcut.io.read_meta(out)
     assert meta["recovery"]["config"]["steps"] == 4
     assert meta["recovery"]["perplexity_after"] > 1
+    assert meta["recovery"]["data"] == str(calib_file)
+    code = main(
+        ["-q", "finetune", str(out), "--steps", "3", "--seq-len", "16", "--windows", "2"]
+        + ["--data", "generated", "--eval-data", ""]
+    )
+    assert code == 0
+    assert "recovery data: 2 windows sampled" in capsys.readouterr().out
+    meta = rankcut.io.read_meta(out)
+    assert (meta["recovery"]["windows"], meta["recovery"]["data"]) == (2, "generated")
     assert rankcut.load(out) is not None
     code = main(["-q", "finetune", str(tiny_llama_dir), "--steps", "1"])
     assert code == 2 and "rankcut output" in capsys.readouterr().err

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from .calibrate import collect_layer_stats
 from .calibrate.sensitivity import loss_table
+from .calibrate.stats import all_finite
 from .errors import RankcutError
 from .evaluate.params import param_summary
 from .layers import dense_shape, dense_weight
@@ -70,7 +71,7 @@ def _stored_weight_params(layer: nn.Module) -> int:
 
 def _check_finite_weights(modules: dict[str, nn.Module]) -> None:
     for name, module in modules.items():
-        if not bool(torch.isfinite(dense_weight(module)).all()):
+        if not all_finite(dense_weight(module)):
             raise RankcutError(f"non-finite values in the weight of {name}")
 
 

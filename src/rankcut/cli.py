@@ -38,6 +38,8 @@ COMPRESS_DEFAULTS = {
     "recover": 0,
     "recover_lr": 1e-4,
     "recover_lora": 0,
+    "recover_data": "auto",
+    "recover_windows": None,
     "distill": 1.0,
     "eval_data": None,
 }
@@ -142,6 +144,17 @@ def build_parser() -> argparse.ArgumentParser:
         "(default 0: train the factors)",
     )
     c.add_argument(
+        "--recover-data",
+        help="recovery training data, as --calib (default 'auto': text sampled from the "
+        "dense model for causal LMs)",
+    )
+    c.add_argument(
+        "--recover-windows",
+        type=int,
+        metavar="N",
+        help="recovery: distinct training windows (default: STEPS, at most 128 sampled ones)",
+    )
+    c.add_argument(
         "--distill",
         type=float,
         help="recovery: share of distillation from the dense model in the loss (1.0; 0 = CE only)",
@@ -204,8 +217,14 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument(
         "--data",
         default="auto",
-        help="training data, as compress --calib (default 'auto': shakespeare+generated, "
-        "sampled from the source model)",
+        help="training data, as compress --calib (default 'auto': text sampled from the "
+        "source model for causal LMs)",
+    )
+    f.add_argument(
+        "--windows",
+        type=int,
+        metavar="N",
+        help="distinct training windows (default: STEPS, at most 128 sampled ones)",
     )
     f.add_argument("--seq-len", type=int, default=512, help="window length (512)")
     f.add_argument("--seed", type=int, default=0)
@@ -297,7 +316,9 @@ def _read_recipe(path: str) -> dict:
         )
         if ok and expected[0] == (list,):
             ok = all(isinstance(v, str) for v in value)
-        if not ok and not (value is None and key in ("out", "device", "targets", "eval_data")):
+        if not ok and not (
+            value is None and key in ("out", "device", "targets", "eval_data", "recover_windows")
+        ):
             raise RankcutError(f"recipe {path}: {key!r} must be {expected[1]}, got {value!r}")
     return data
 
@@ -323,6 +344,8 @@ RECIPE_TYPES = {
     "recover": ((int,), "an integer"),
     "recover_lr": ((int, float), "a number"),
     "recover_lora": ((int,), "an integer"),
+    "recover_data": ((str,), "a string"),
+    "recover_windows": ((int,), "an integer"),
     "distill": ((int, float), "a number"),
     "eval_data": ((str,), "a string"),
 }
@@ -365,6 +388,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
         AUTO,
         AUTO_ENCODER,
         GENERATED,
+        recovery_windows,
+        resolve_recovery_spec,
         resolve_spec,
         validate_spec,
         windows_from_spec,
@@ -433,6 +458,18 @@ def cmd_compress(args: argparse.Namespace) -> int:
             model=model,
             progress=not args.quiet,
         )
+    recovery_data = None
+    if recover:  # sampled from the dense model, so before it is compressed
+        recovery_data = recovery_windows(
+            resolve_recovery_spec(str(opts["recover_data"]), model),
+            tokenizer,
+            recover,
+            opts["seq_len"],
+            opts["seed"],
+            count=opts["recover_windows"],
+            model=model,
+            progress=not args.quiet,
+        )
     teacher = copy.deepcopy(model) if recover and opts["distill"] > 0 else None
     phases = {"loading": time.perf_counter() - started}
     ppl = _compress_eval(model, tokenizer, heldout, opts, args.quiet, phases, "dense")
@@ -457,18 +494,15 @@ def cmd_compress(args: argparse.Namespace) -> int:
         extra["recovery"] = _run_recovery(
             model,
             teacher,
-            calib_spec,
-            calib,
-            tokenizer,
+            recovery_data,
             recover,
-            opts["seq_len"],
-            opts["seed"],
             opts["recover_lr"],
             opts["distill"],
             args.quiet,
             lora_rank=opts["recover_lora"],
         )
-        del teacher
+        extra["recovery"]["data"] = str(opts["recover_data"])
+        del teacher, recovery_data
     if heldout is not None:
         ppl.update(
             _compress_eval(model, tokenizer, heldout, opts, args.quiet, phases, "compressed")
@@ -604,36 +638,11 @@ def _compress_streaming(opts, config, args, calib, tokenizer, device, out) -> in
     return 0
 
 
-def _run_recovery(
-    model,
-    teacher,
-    spec,
-    calib,
-    tokenizer,
-    steps,
-    seq_len,
-    seed,
-    lr,
-    distill,
-    quiet,
-    sampler=None,
-    lora_rank=0,
-):
-    """Fine-tune the factors on windows of the calibration data (see ``recovery_windows``)."""
-    from .data.generated import recovery_windows
+def _run_recovery(model, teacher, windows, steps, lr, distill, quiet, lora_rank=0):
+    """Fine-tune the factors on ``windows`` (see ``recovery_windows``)."""
     from .finetune import RecoveryConfig, recover
 
     config = RecoveryConfig(steps=steps, lr=lr, distill=distill, lora_rank=lora_rank)
-    windows = recovery_windows(
-        spec,
-        tokenizer,
-        steps,
-        seq_len,
-        seed,
-        calib=calib,
-        model=sampler if sampler is not None else teacher,
-        progress=not quiet,
-    )
     stats = recover(model, windows, config, teacher=teacher, progress=not quiet)
     losses = stats["losses"]
     head = sum(losses[:10]) / len(losses[:10])
@@ -651,7 +660,12 @@ def _run_recovery(
 def cmd_finetune(args: argparse.Namespace) -> int:
     from . import io
     from .data import load_text
-    from .data.generated import GENERATED, resolve_spec, validate_spec
+    from .data.generated import (
+        GENERATED,
+        recovery_windows,
+        resolve_recovery_spec,
+        validate_spec,
+    )
     from .evaluate import perplexity
 
     device = _device(args.device)
@@ -673,7 +687,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         if not source:
             raise RankcutError("no source_model in rankcut.json to distill from (use --distill 0)")
         teacher = io.load(source, device=device)
-    spec = resolve_spec(args.data, model)
+    spec = resolve_recovery_spec(args.data, model)
     sampler = teacher  # generated training data is sampled from the dense source model
     if sampler is None and GENERATED in spec.split("+"):
         source = meta.get("source_model")
@@ -694,22 +708,26 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         )["perplexity"]
 
     before = ppl() if heldout else None
-    recovery = _run_recovery(
-        model,
-        teacher,
+    started = time.perf_counter()
+    windows = recovery_windows(
         spec,
-        None,
         tokenizer,
         args.steps,
         args.seq_len,
         args.seed,
-        args.lr,
-        args.distill,
-        args.quiet,
-        sampler=sampler,
-        lora_rank=args.lora,
+        count=args.windows,
+        model=sampler,
+        progress=not args.quiet,
     )
-    del teacher, sampler
+    data_seconds = time.perf_counter() - started
+    if GENERATED in spec.split("+"):
+        print(f"recovery data: {windows.shape[0]} windows sampled in {data_seconds:.0f} s")
+    del sampler
+    recovery = _run_recovery(
+        model, teacher, windows, args.steps, args.lr, args.distill, args.quiet, lora_rank=args.lora
+    )
+    recovery.update(data=spec, data_seconds=round(data_seconds, 1))
+    del teacher
     after = ppl() if heldout else None
     if heldout:
         recovery.update(eval_data=args.eval_data, perplexity_before=before, perplexity_after=after)

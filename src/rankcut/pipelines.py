@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .calibrate import InputStats, LayerStats, collect_layer_stats
 from .calibrate.sequential import capture_block_inputs, module_input, run_block
-from .calibrate.stats import DEFAULT_EPS, add_gram
+from .calibrate.stats import DEFAULT_EPS, add_gram, all_finite
 from .errors import RankcutError
 from .layers import LowRankLinear, dense_weight
 from .methods import MethodConfig, MethodSpec
@@ -71,7 +71,7 @@ def factorize_into(
             weight = weight()
         with torch.no_grad():
             layer = spec.make_layer(weight, stats, rank, config, name, bias=bias, dtype=dtype)
-        if not all(bool(torch.isfinite(p).all()) for p in layer.parameters()):
+        if not all(all_finite(p) for p in layer.parameters()):
             raise RankcutError(f"{spec.name} produced non-finite factors for {name}")
         replace_module(model, name, layer.to(device))
         return
@@ -86,7 +86,7 @@ def factorize_into(
         with torch.no_grad():
             up, down = spec.factorize(weight, stats, rank, config, name)
         del weight
-        if not (bool(torch.isfinite(up).all()) and bool(torch.isfinite(down).all())):
+        if not (all_finite(up) and all_finite(down)):
             raise RankcutError(f"{spec.name} produced non-finite factors for {name}")
     out_f, in_f = dense_weight(module).shape
     shapes = [(out_f, rank), (rank, in_f)]
@@ -149,7 +149,11 @@ def _refit_target(rhs: Tensor, inputs: InputStats, name: str) -> Tensor:
     # The factor is cached on the statistics: a method whitening with the same eps
     # (SVD-LLM's default) reuses it instead of holding a second (in, in) matrix.
     chol = inputs.cholesky(name=name)
-    return torch.cholesky_solve(rhs, chol).T
+    # Two triangular solves, the second in place: cholesky_solve would copy the (in, in)
+    # factor into LAPACK's column-major layout (0.24 GB for a 5504-wide input).
+    y = torch.linalg.solve_triangular(chol, rhs, upper=False)
+    del rhs
+    return torch.linalg.solve_triangular(chol.T, y, upper=True, out=y).T
 
 
 def _stage_stats(block, stage, stage_mods, comp, needs_gram, needs_abs):
@@ -213,7 +217,7 @@ def _stage_cross(block, module, stage_mods, comp, dense_inputs) -> dict[str, Ten
             add_gram(acc[n], xc.float(), b)
         del pairs
     for n, t in acc.items():
-        if not bool(torch.isfinite(t).all()):
+        if not all_finite(t):
             raise RankcutError(f"non-finite cross product for {n or module}: overflow")
     return acc
 
@@ -244,13 +248,12 @@ class _StageWeights:
         if self.cross is None:
             return w
         self.left -= 1
-        if name in self.cross:
-            rhs = self.cross.pop(name)
-        else:  # the shared C = X'^T X
-            rhs = self.cross[""] @ w.T
-            if self.left == 0:
-                self.cross = None
-        return _refit_target(rhs, self.inputs[name], name)
+        if name in self.cross:  # (no other reference: _refit_target frees it early)
+            return _refit_target(self.cross.pop(name), self.inputs[name], name)
+        cross = self.cross[""]  # the shared C = X'^T X
+        if self.left == 0:
+            self.cross = None
+        return _refit_target(cross @ w.T, self.inputs[name], name)
 
 
 def compress_block(
@@ -325,7 +328,8 @@ def compress_block(
             index += 1
             if release is not None:
                 release(mods[n])
-        del weights, weight
+        # Nothing of this stage (its Cholesky factors) stays alive into the next one.
+        del weights, weight, inputs, layer_stats
     return dense_out
 
 
