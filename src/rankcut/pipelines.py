@@ -244,16 +244,18 @@ class _StageWeights:
         self.mods, self.inputs, self.cross, self.left = mods, inputs, cross, len(stage)
 
     def __call__(self, name: str) -> Tensor:
-        w = dense_weight(self.mods[name]).detach().to(torch.float64)
+        def dense() -> Tensor:
+            return dense_weight(self.mods[name]).detach().to(torch.float64)
+
         if self.cross is None:
-            return w
+            return dense()
         self.left -= 1
         if name in self.cross:  # (no other reference: _refit_target frees it early)
             return _refit_target(self.cross.pop(name), self.inputs[name], name)
         cross = self.cross[""]  # the shared C = X'^T X
         if self.left == 0:
             self.cross = None
-        return _refit_target(cross @ w.T, self.inputs[name], name)
+        return _refit_target(cross @ dense().T, self.inputs[name], name)
 
 
 def compress_block(

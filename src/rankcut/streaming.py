@@ -113,7 +113,10 @@ class CheckpointReader:
         for path, group in by_file.items():
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 for name in group:
-                    out[name] = f.get_tensor(name).to(dtype=dtype, device=device)
+                    # A copy: a tensor still backed by the file's memory map keeps the
+                    # whole map's touched pages resident until every tensor read from
+                    # it is gone, so releasing one layer would free nothing.
+                    out[name] = f.get_tensor(name).to(dtype=dtype, device=device, copy=True)
         return out
 
     def fingerprint(self) -> dict:

@@ -55,8 +55,8 @@ def truncated_svd(matrix: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
             side = evecs[:, -rank:].flip(1)
             del evals, evecs
             if tall:  # side = V_r: U_r = A V_r / s
-                return (a @ side) / s, s, side.T.contiguous()
-            return side.contiguous(), s, (side.T @ a) / s[:, None]  # side = U_r
+                return (a @ side).div_(s), s, side.T.contiguous()
+            return side.contiguous(), s, (side.T @ a).div_(s[:, None])  # side = U_r
         del evals, evecs
     u, s, vh = torch.linalg.svd(a, full_matrices=False)
     return u[:, :rank], s[:rank], vh[:rank]

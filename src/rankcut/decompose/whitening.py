@@ -97,6 +97,7 @@ def whitened_factors(weight: Tensor, chol: Tensor, rank: int) -> tuple[Tensor, T
     chol = chol.to(torch.float64)
     u, s, vh = truncated_svd(weight.to(torch.float64) @ chol, rank)
     up, down_white = split_factors(u, s, vh)
+    del u, vh
     # down = down_white @ S^-1  <=>  S^T down^T = down_white^T, with S^T upper triangular.
     down = torch.linalg.solve_triangular(chol.T, down_white.T, upper=True).T
     return up, down
