@@ -8,7 +8,8 @@ Usage:
 
 A recipe is ``METHOD[:ALLOCATION[:PIPELINE]]`` (defaults ``uniform`` and ``whole``).
 ``--recover STEPS`` adds a row per ratio: the last recipe followed by a recovery
-fine-tune (distillation from the dense model) of STEPS windows.
+fine-tune (distillation from the dense model) of STEPS steps, on windows sampled from
+the dense model by default (``--recover-data``, as ``rankcut finetune --data``).
 
 Prints a Markdown table and writes it to benchmarks/results/quality.md (plus quality.json).
 Calibration (``--calib``) and evaluation (``--data``) text never overlap.
@@ -28,7 +29,7 @@ import torch
 
 import rankcut
 from rankcut.data import load_text
-from rankcut.data.generated import recovery_windows, windows_from_spec
+from rankcut.data.generated import recovery_windows, resolve_recovery_spec, windows_from_spec
 from rankcut.evaluate import param_summary, perplexity
 from rankcut.methods import METHODS
 
@@ -41,6 +42,11 @@ def main() -> None:
     parser.add_argument("--recipes", nargs="+", default=["svd", "asvd", "svd-llm", "fwsvd"])
     parser.add_argument("--recover", type=int, default=0, help="recovery steps (0 = no row)")
     parser.add_argument("--recover-lr", type=float, default=1e-4)
+    parser.add_argument(
+        "--recover-data",
+        default="auto",
+        help="recovery training data, as finetune --data (auto: sampled from the dense model)",
+    )
     parser.add_argument(
         "--recover-ratios",
         nargs="+",
@@ -78,6 +84,7 @@ def main() -> None:
         }
 
     rows = []
+    train, data_seconds = None, 0.0  # recovery windows, made once when first needed
     base = evaluate(dense)
     dense_params = param_summary(dense)["params_total"]
     rows.append(
@@ -134,9 +141,14 @@ def main() -> None:
             if args.recover and recipe == args.recipes[-1] and ratio in args.recover_ratios:
                 from rankcut.finetune import RecoveryConfig, recover
 
-                train = recovery_windows(
-                    args.calib, tok, args.recover, args.seq_len, args.seed, calib=calib
-                )
+                if train is None:  # the same windows for every ratio
+                    t_data = time.perf_counter()
+                    spec = resolve_recovery_spec(args.recover_data, dense)
+                    train = recovery_windows(
+                        spec, tok, args.recover, args.seq_len, args.seed, model=dense
+                    )
+                    data_seconds = time.perf_counter() - t_data
+                    print(f"recovery data: {spec}, {len(train)} windows, {data_seconds:.0f} s")
                 stats = recover(
                     model,
                     train,
@@ -150,6 +162,8 @@ def main() -> None:
                         "pipeline": f"{pipeline} + recover {args.recover}",
                         "perplexity": ppl,
                         "seconds": seconds + stats["seconds"],
+                        "recovery_seconds": round(stats["seconds"], 1),
+                        "recovery_data_seconds": round(data_seconds, 1),
                     }
                 )
                 print(f"  + recovery ({stats['seconds']:.0f} s): ppl {ppl}", flush=True)
