@@ -174,7 +174,7 @@ def test_truncated_svd_matches_lapack(shape, deficient):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_all_finite(dtype):
-    from rankcut.calibrate.stats import all_finite
+    from rankcut.decompose import all_finite
 
     t = torch.full((4, 5), 3e4).to(dtype)
     assert all_finite(t)

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from .calibrate import collect_layer_stats
 from .calibrate.sensitivity import loss_table
-from .calibrate.stats import all_finite
+from .decompose import all_finite
 from .errors import RankcutError
 from .evaluate.params import param_summary
 from .layers import dense_shape, dense_weight

@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 
 from .calibrate import InputStats, LayerStats, collect_layer_stats
 from .calibrate.sequential import capture_block_inputs, module_input, run_block
-from .calibrate.stats import DEFAULT_EPS, add_gram, all_finite
+from .calibrate.stats import DEFAULT_EPS, add_gram
+from .decompose import all_finite
 from .errors import RankcutError
 from .layers import LowRankLinear, dense_weight
 from .methods import MethodConfig, MethodSpec
@@ -310,8 +311,7 @@ def compress_block(
             first = stage[0]
             xd = dense_inputs.pop(first)
             cross = _stage_cross(block, stage_mods[first], stage_mods, comp, xd)
-            if hasattr(xd, "clear"):
-                xd.clear()
+            xd.clear()  # a list, or SpilledTensors (its files go too)
             del xd
             if dist is not None:
                 for t in cross.values():

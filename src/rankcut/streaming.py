@@ -386,8 +386,8 @@ def stream_compress(
 
     Never holds more than one decoder block's weights (plus, with ``refit``, the dense
     model's activations at the block's stage inputs, spilled to disk like the streams),
-    and the modules before the first block while the calibration windows are embedded. ``out`` is a rankcut folder with sharded
-    safetensors that ``rankcut.load`` reads.
+    and the modules before the first block while the calibration windows are embedded.
+    ``out`` is a rankcut folder with sharded safetensors that ``rankcut.load`` reads.
 
     Args:
         folder: Hugging Face folder with ``config.json`` and safetensors weights.
@@ -562,8 +562,6 @@ def stream_compress(
         )
         new_comp = stream("comp", k, advance(block, comp))
         new_dense = stream("dense", k, dense_out) if dense_out is not None else None
-        if dense_out is not None:
-            dense_out.clear()
         del dense_out
         shutil.rmtree(spill_dir, ignore_errors=True)
         _barrier(dist)  # every rank's activations are on disk before the state moves on

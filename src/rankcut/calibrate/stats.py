@@ -11,17 +11,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from ..decompose.svd import all_finite
+
 DEFAULT_EPS = 1e-6  # Cholesky shift used when none is given (the refit's, SVD-LLM's default)
-
-
-def all_finite(t: Tensor) -> bool:
-    """No NaN or inf in ``t``, checked through its float64 sum (NaN and inf propagate).
-
-    ``torch.isfinite(t).all()`` makes an ``abs`` copy of ``t`` plus boolean masks: 0.3 GB
-    for a 5504-wide Gram matrix. A sum of finite entries overflows float64 only past
-    1e308, which no statistic or weight reaches.
-    """
-    return bool(torch.isfinite(t.sum(dtype=torch.float64)))
 
 
 def add_gram(acc: Tensor, a: Tensor, b: Tensor, rows: int | None = None) -> Tensor:

@@ -12,6 +12,16 @@ import torch
 from torch import Tensor
 
 
+def all_finite(t: Tensor) -> bool:
+    """No NaN or inf in ``t``, checked through its float64 sum (NaN and inf propagate).
+
+    ``torch.isfinite(t).all()`` makes an ``abs`` copy of ``t`` plus boolean masks: 0.3 GB
+    for a 5504-wide Gram matrix. A sum of finite entries overflows float64 only past
+    1e308, which no statistic or weight reaches.
+    """
+    return bool(torch.isfinite(t.sum(dtype=torch.float64)))
+
+
 def check_rank(weight: Tensor, rank: int) -> None:
     """Raise ``ValueError`` unless ``1 <= rank <= min(weight.shape)``."""
     if weight.ndim != 2:
