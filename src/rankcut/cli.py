@@ -384,6 +384,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     from . import api, io
     from .data import load_text
+    from .data.distill import DistillWindows
     from .data.generated import (
         AUTO,
         AUTO_ENCODER,
@@ -470,7 +471,11 @@ def cmd_compress(args: argparse.Namespace) -> int:
             model=model,
             progress=not args.quiet,
         )
-    teacher = copy.deepcopy(model) if recover and opts["distill"] > 0 else None
+    # Sampled recovery data carries the teacher's targets; only text needs a teacher copy.
+    needs_teacher = (
+        recover and opts["distill"] > 0 and not isinstance(recovery_data, DistillWindows)
+    )
+    teacher = copy.deepcopy(model) if needs_teacher else None
     phases = {"loading": time.perf_counter() - started}
     ppl = _compress_eval(model, tokenizer, heldout, opts, args.quiet, phases, "dense")
     result = api.compress(model, config, calib, progress=not args.quiet)
@@ -660,6 +665,7 @@ def _run_recovery(model, teacher, windows, steps, lr, distill, quiet, lora_rank=
 def cmd_finetune(args: argparse.Namespace) -> int:
     from . import io
     from .data import load_text
+    from .data.distill import DistillWindows
     from .data.generated import (
         GENERATED,
         recovery_windows,
@@ -723,6 +729,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if GENERATED in spec.split("+"):
         print(f"recovery data: {windows.shape[0]} windows sampled in {data_seconds:.0f} s")
     del sampler
+    if isinstance(windows, DistillWindows):
+        teacher = None  # its top-k targets were stored with the windows
     recovery = _run_recovery(
         model, teacher, windows, args.steps, args.lr, args.distill, args.quiet, lora_rank=args.lora
     )

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .data.distill import DistillWindows, sparse_kl
 from .errors import ConfigError, RankcutError
 from .layers import factorized_modules
 
@@ -111,12 +112,17 @@ def _lr_factor(step: int, config: RecoveryConfig) -> float:
 
 
 def _loss(
-    student_logits: Tensor, ids: Tensor, teacher_logits: Tensor | None, config: RecoveryConfig
+    student_logits: Tensor,
+    ids: Tensor,
+    teacher_logits: Tensor | tuple[Tensor, Tensor] | None,
+    config: RecoveryConfig,
 ) -> Tensor:
     logits = student_logits[:, :-1].float()
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
     if teacher_logits is None or config.distill == 0:
         return ce
+    if isinstance(teacher_logits, tuple):  # the teacher's top-k, taken when sampling
+        return (1 - config.distill) * ce + config.distill * sparse_kl(logits, *teacher_logits)
     t = config.temperature
     teacher = F.log_softmax(teacher_logits[:, :-1].float() / t, dim=-1)
     student = F.log_softmax(logits / t, dim=-1)
@@ -126,14 +132,17 @@ def _loss(
 
 def recover(
     model: nn.Module,
-    windows: Tensor,
+    windows: Tensor | DistillWindows,
     config: RecoveryConfig | None = None,
     teacher: nn.Module | None = None,
     progress: bool = True,
 ) -> dict:
-    """Fine-tune the factors of ``model`` in place on ``windows`` (``(n, seq_len)`` token ids).
+    """Fine-tune the factors of ``model`` in place on ``windows``.
 
-    Windows are cycled in order; ``teacher`` (the dense model) enables distillation.
+    Windows are cycled in order. Distillation takes its targets from ``windows`` when
+    they are ``DistillWindows`` (the teacher's top-k, stored when the data was made; no
+    ``teacher`` is needed then), else from ``teacher`` (the dense model) when given;
+    plain ``(n, seq_len)`` token ids without a teacher train on cross-entropy alone.
 
     Returns:
         ``{"losses": [...], "seconds": ..., "config": {...}}``.
@@ -142,6 +151,12 @@ def recover(
         >>> stats = recover(compressed, train_windows, RecoveryConfig(steps=100))  # doctest: +SKIP
     """
     config = config or RecoveryConfig()
+    targets = windows if isinstance(windows, DistillWindows) else None
+    if targets is not None and config.distill > 0 and config.temperature != 1.0:
+        raise ConfigError(
+            "stored distillation targets are at temperature 1; use --distill 0 or T=1"
+        )
+    ids_all = targets.ids if targets is not None else windows
     flags = {p: p.requires_grad for p in model.parameters()}
     params = trainable_factors(model)
     device = next(model.parameters()).device
@@ -164,10 +179,16 @@ def recover(
     bar = tqdm(range(config.steps), desc="recovery", disable=not progress)
     try:
         for step in bar:
-            ids = windows[step % windows.shape[0]][None].to(device)
+            row = step % ids_all.shape[0]
+            ids = ids_all[row][None].to(device)
             mask = torch.ones_like(ids)
             teacher_logits = None
-            if teacher is not None and config.distill > 0:
+            if targets is not None and config.distill > 0:
+                teacher_logits = (
+                    targets.top_logprobs[row][None].to(device),
+                    targets.top_ids[row][None].to(device),
+                )
+            elif teacher is not None and config.distill > 0:
                 with torch.no_grad():
                     teacher_logits = teacher(input_ids=ids, attention_mask=mask).logits
             logits = net(input_ids=ids, attention_mask=mask, use_cache=False).logits

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..errors import RankcutError
+from .distill import DistillWindows
 from .windows import bos_prefix
 
 #: The calibration spec that asks for model-generated windows (``--calib generated``).
@@ -128,14 +129,8 @@ def windows_from_spec(
     from .corpora import load_text
     from .windows import calibration_windows
 
-    parts = [p.strip() for p in spec.split("+")]
-    if not all(parts):
-        raise RankcutError(f"empty part in calibration spec {spec!r}")
-    if samples < len(parts):
-        raise RankcutError(
-            f"{samples} samples cannot be split over the {len(parts)} parts of {spec!r}"
-        )
-    counts = [samples // len(parts) + (i < samples % len(parts)) for i in range(len(parts))]
+    parts = _parts(spec, samples)
+    counts = _split(samples, len(parts))
     chunks = []
     for part, count in zip(parts, counts, strict=True):
         if part == GENERATED:
@@ -149,6 +144,22 @@ def windows_from_spec(
         else:
             chunks.append(calibration_windows(load_text(part), tokenizer, count, seq_len, seed))
     return torch.cat(chunks)
+
+
+def _parts(spec: str, samples: int) -> list[str]:
+    parts = [p.strip() for p in spec.split("+")]
+    if not all(parts):
+        raise RankcutError(f"empty part in calibration spec {spec!r}")
+    if samples < len(parts):
+        raise RankcutError(
+            f"{samples} samples cannot be split over the {len(parts)} parts of {spec!r}"
+        )
+    return parts
+
+
+def _split(samples: int, parts: int) -> list[int]:
+    """``samples`` split evenly over ``parts``, the first parts taking the remainder."""
+    return [samples // parts + (i < samples % parts) for i in range(parts)]
 
 
 def validate_spec(spec: str) -> None:
@@ -187,10 +198,12 @@ def recovery_windows(
     count: int | None = None,
     model: nn.Module | None = None,
     progress: bool = True,
-) -> Tensor:
+) -> Tensor | DistillWindows:
     """Training windows for a recovery fine-tune of ``steps`` steps (one window each).
 
-    ``count`` distinct windows (default: ``steps``, at most ``RECOVERY_WINDOWS`` when part
+    A spec with generated text gives ``DistillWindows``: the windows with the dense
+    model's top-k next-token targets, so that training needs no teacher pass; a text
+    spec gives plain token ids. ``count`` distinct windows (default: ``steps``, at most ``RECOVERY_WINDOWS`` when part
     of them are sampled from ``model``, the dense model; at most what a text holds),
     drawn with seed ``seed + 1`` so that they are not the calibration windows.
     """
@@ -202,17 +215,34 @@ def recovery_windows(
         count = min(steps, RECOVERY_WINDOWS) if GENERATED in parts else steps
     if count < 1:
         raise RankcutError(f"need at least one recovery window, got {count}")
-    if len(parts) > 1 or GENERATED in parts:
-        return windows_from_spec(
-            spec,
-            tokenizer,
-            count,
-            seq_len,
-            seed + 1,
-            model=model,
-            progress=progress,
-            batch_size=RECOVERY_BATCH,
-        )
+    if GENERATED in parts:
+        return _distill_windows(spec, tokenizer, count, seq_len, seed + 1, model, progress)
+    if len(parts) > 1:
+        return windows_from_spec(spec, tokenizer, count, seq_len, seed + 1, progress=progress)
     text = load_text(spec)
     available = len(tokenize(text, tokenizer)) // seq_len
     return calibration_windows(text, tokenizer, min(count, available), seq_len, seed + 1)
+
+
+def _distill_windows(spec, tokenizer, count, seq_len, seed, model, progress) -> DistillWindows:
+    """Windows of ``spec`` with the dense ``model``'s top-k targets: its samples carry the
+    targets it computed while sampling, text parts get them from one forward pass."""
+    from .corpora import load_text
+    from .distill import sample_distill_windows, teacher_targets
+    from .windows import calibration_windows
+
+    if model is None:
+        raise RankcutError("'generated' recovery data needs the model to sample from")
+    parts = _parts(spec, count)
+    chunks = []
+    for part, n in zip(parts, _split(count, len(parts)), strict=True):
+        if part == GENERATED:
+            chunks.append(
+                sample_distill_windows(
+                    model, tokenizer, n, seq_len, seed, batch_size=RECOVERY_BATCH, progress=progress
+                )
+            )
+        else:
+            text = calibration_windows(load_text(part), tokenizer, n, seq_len, seed)
+            chunks.append(teacher_targets(model, text, progress=progress))
+    return DistillWindows.cat(chunks)
