@@ -20,6 +20,29 @@ from ..errors import RankcutError
 
 #: Teacher tokens kept per position: the tail beyond them enters the loss as one bucket.
 DISTILL_TOP_K = 64
+#: Memory the key/value cache of one sampling batch may take, and the largest batch
+#: (on 2 CPU cores SmolLM2-135M samples 19% faster per token at 64 than at 32, and no
+#: faster at 128).
+SAMPLING_CACHE_BYTES = 2 * 2**30
+MAX_SAMPLING_BATCH = 64
+
+
+def sampling_batch(model: nn.Module, seq_len: int, budget: int = SAMPLING_CACHE_BYTES) -> int:
+    """Sequences sampled at once: as many as keep the key/value cache of ``seq_len``
+    tokens each within ``budget`` bytes, between 1 and ``MAX_SAMPLING_BATCH``."""
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    layers = getattr(config, "num_hidden_layers", None)
+    heads = getattr(config, "num_attention_heads", None)
+    hidden = getattr(config, "hidden_size", None)
+    if not (layers and heads and hidden):
+        return 8  # an architecture whose cache size cannot be read from its config
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    itemsize = next(model.parameters()).element_size()
+    per_sequence = 2 * layers * kv_heads * head_dim * itemsize * seq_len
+    return max(1, min(MAX_SAMPLING_BATCH, budget // per_sequence))
 
 
 @dataclass
@@ -115,15 +138,16 @@ def sample_distill_windows(
     seq_len: int,
     seed: int = 0,
     *,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     top_k: int = DISTILL_TOP_K,
     temperature: float = 1.0,
     progress: bool = True,
 ) -> DistillWindows:
     """``samples`` windows sampled from ``model`` (a causal LM), with its top-``k`` targets.
 
-    Plain ancestral sampling at ``temperature`` with a key/value cache, seeded by a
-    private generator; end-of-text tokens are never drawn. The targets are the model's
+    Plain ancestral sampling at ``temperature`` with a key/value cache, ``batch_size``
+    sequences at once (default: ``sampling_batch``), seeded by a private generator;
+    end-of-text tokens are never drawn. The targets are the model's
     own distribution at temperature 1 (what distillation matches), taken from the same
     forward passes that sampled the text.
 
@@ -143,6 +167,7 @@ def sample_distill_windows(
     start = start_tokens(tokenizer)
     if len(start) >= seq_len:
         raise RankcutError(f"seq-len {seq_len} leaves no room after the start tokens {start}")
+    batch_size = batch_size or sampling_batch(model, seq_len)
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     forbidden = torch.tensor(_forbidden(model, tokenizer), dtype=torch.long, device=device)
@@ -150,43 +175,59 @@ def sample_distill_windows(
     model.eval()
     parts = []
     try:
-        bar = tqdm(total=samples, desc="sampling recovery windows", disable=not progress)
+        bar = tqdm(
+            total=samples * seq_len,
+            desc="sampling recovery windows",
+            unit="tok",
+            unit_scale=True,
+            disable=not progress,
+        )
         for first in range(0, samples, batch_size):
             n = min(batch_size, samples - first)
             parts.append(
                 _sample_batch(
-                    model, start, n, seq_len, temperature, top_k, forbidden, generator, device
+                    model, start, n, seq_len, temperature, top_k, forbidden, generator, bar
                 )
             )
-            bar.update(n)
         bar.close()
     finally:
         model.train(was_training)
     return DistillWindows.cat(parts)
 
 
-def _sample_batch(model, start, n, seq_len, temperature, top_k, forbidden, generator, device):
-    ids = torch.tensor([start] * n, device=device)
+def _sample_batch(model, start, n, seq_len, temperature, top_k, forbidden, generator, bar):
+    """One batch of ``n`` windows: a prefill of the start tokens, then one cached forward
+    pass per new token; the progress ``bar`` counts tokens."""
+    ids = torch.tensor([start] * n, device=forbidden.device)
     out = model(input_ids=ids, use_cache=True)
     tokens = [ids.cpu()]
+    bar.update(n * len(start))
     values, indices = [], []
     for position in range(len(start), seq_len):
         logits = out.logits
         v, i = top_targets(logits, top_k)
         values.append(v)
         indices.append(i)
-        last = logits[:, -1].float() / temperature
-        if forbidden.numel():
-            last[:, forbidden] = float("-inf")
-        # Exponential-race sampling: argmax p_i / E_i with E_i ~ Exp(1) draws i with
-        # probability p_i (faster than torch.multinomial over a large vocabulary).
-        probs = torch.softmax(last, dim=-1)
-        race = torch.empty_like(probs).exponential_(generator=generator)
-        nxt = (probs / race).argmax(-1, keepdim=True)
+        nxt = _draw(logits[:, -1], temperature, forbidden, generator)
         tokens.append(nxt.cpu())
+        bar.update(n)
         if position < seq_len - 1:
             out = model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
     return DistillWindows(torch.cat(tokens, 1), torch.cat(values, 1), torch.cat(indices, 1))
+
+
+def _draw(logits: Tensor, temperature: float, forbidden: Tensor, generator) -> Tensor:
+    """One token per row of ``logits`` ``(n, vocab)`` from softmax(logits / temperature),
+    never a ``forbidden`` id: inverse-CDF sampling, one uniform number per row (drawing
+    a random number per vocabulary entry, as an exponential race does, costs ten times
+    more for a large vocabulary)."""
+    probs = torch.softmax(logits.double() / temperature, dim=-1)
+    if forbidden.numel():
+        probs[:, forbidden] = 0.0
+    cdf = probs.cumsum_(-1)
+    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=cdf.dtype)
+    # the first index whose cumulative mass exceeds u: token i with probability p_i
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_max_(cdf.shape[1] - 1)
 
 
 @torch.no_grad()
