@@ -29,7 +29,12 @@ import torch
 
 import rankcut
 from rankcut.data import load_text
-from rankcut.data.generated import recovery_windows, resolve_recovery_spec, windows_from_spec
+from rankcut.data.generated import (
+    RECOVERY_SEQ_LEN,
+    recovery_windows,
+    resolve_recovery_spec,
+    windows_from_spec,
+)
 from rankcut.evaluate import param_summary, perplexity
 from rankcut.methods import METHODS
 
@@ -42,6 +47,7 @@ def main() -> None:
     parser.add_argument("--recipes", nargs="+", default=["svd", "asvd", "svd-llm", "fwsvd"])
     parser.add_argument("--recover", type=int, default=0, help="recovery steps (0 = no row)")
     parser.add_argument("--recover-lr", type=float, default=1e-4)
+    parser.add_argument("--recover-seq-len", type=int, default=RECOVERY_SEQ_LEN)
     parser.add_argument(
         "--recover-data",
         default="auto",
@@ -145,7 +151,7 @@ def main() -> None:
                     t_data = time.perf_counter()
                     spec = resolve_recovery_spec(args.recover_data, dense)
                     train = recovery_windows(
-                        spec, tok, args.recover, args.seq_len, args.seed, model=dense
+                        spec, tok, args.recover, args.recover_seq_len, args.seed, model=dense
                     )
                     data_seconds = time.perf_counter() - t_data
                     print(f"recovery data: {spec}, {len(train)} windows, {data_seconds:.0f} s")

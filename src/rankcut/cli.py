@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from .data.generated import RECOVERY_SEQ_LEN, RECOVERY_STEPS
 from .errors import ConfigError, RankcutError
 
 logger = logging.getLogger("rankcut")
@@ -40,6 +41,7 @@ COMPRESS_DEFAULTS = {
     "recover_lora": 0,
     "recover_data": "auto",
     "recover_windows": None,
+    "recover_seq_len": RECOVERY_SEQ_LEN,
     "distill": 1.0,
     "eval_data": None,
 }
@@ -152,7 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--recover-windows",
         type=int,
         metavar="N",
-        help="recovery: distinct training windows (default: STEPS, at most 128 sampled ones)",
+        help="recovery: distinct training windows (default: STEPS, each seen once)",
+    )
+    c.add_argument(
+        "--recover-seq-len",
+        type=int,
+        metavar="T",
+        help=f"recovery: tokens per training window ({RECOVERY_SEQ_LEN})",
     )
     c.add_argument(
         "--distill",
@@ -199,7 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("finetune", help="recovery fine-tune of a compressed model's factors")
     f.add_argument("model", metavar="DIR", help="a rankcut output folder")
-    f.add_argument("--steps", type=int, default=200, help="optimizer steps, one window each (200)")
+    f.add_argument(
+        "--steps",
+        type=int,
+        default=RECOVERY_STEPS,
+        help=f"optimizer steps, one window each ({RECOVERY_STEPS})",
+    )
     f.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (1e-4)")
     f.add_argument(
         "--lora",
@@ -224,9 +237,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--windows",
         type=int,
         metavar="N",
-        help="distinct training windows (default: STEPS, at most 128 sampled ones)",
+        help="distinct training windows (default: STEPS, each seen once)",
     )
-    f.add_argument("--seq-len", type=int, default=512, help="window length (512)")
+    f.add_argument(
+        "--train-seq-len",
+        type=int,
+        default=RECOVERY_SEQ_LEN,
+        help=f"tokens per training window ({RECOVERY_SEQ_LEN})",
+    )
+    f.add_argument("--seq-len", type=int, default=512, help="evaluation window length (512)")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument(
         "--eval-data",
@@ -346,6 +365,7 @@ RECIPE_TYPES = {
     "recover_lora": ((int,), "an integer"),
     "recover_data": ((str,), "a string"),
     "recover_windows": ((int,), "an integer"),
+    "recover_seq_len": ((int,), "an integer"),
     "distill": ((int, float), "a number"),
     "eval_data": ((str,), "a string"),
 }
@@ -465,7 +485,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
             resolve_recovery_spec(str(opts["recover_data"]), model),
             tokenizer,
             recover,
-            opts["seq_len"],
+            opts["recover_seq_len"],
             opts["seed"],
             count=opts["recover_windows"],
             model=model,
@@ -719,7 +739,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         spec,
         tokenizer,
         args.steps,
-        args.seq_len,
+        args.train_seq_len,
         args.seed,
         count=args.windows,
         model=sampler,

@@ -118,16 +118,20 @@ def _loss(
     config: RecoveryConfig,
 ) -> Tensor:
     logits = student_logits[:, :-1].float()
-    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
-    if teacher_logits is None or config.distill == 0:
-        return ce
+    distill = config.distill if teacher_logits is not None else 0.0
+    loss = 0.0
+    if distill < 1:  # the cross-entropy costs a vocabulary-wide pass: only when it counts
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+        loss = (1 - distill) * ce
+    if distill == 0:
+        return loss
     if isinstance(teacher_logits, tuple):  # the teacher's top-k, taken when sampling
-        return (1 - config.distill) * ce + config.distill * sparse_kl(logits, *teacher_logits)
+        return loss + distill * sparse_kl(logits, *teacher_logits)
     t = config.temperature
     teacher = F.log_softmax(teacher_logits[:, :-1].float() / t, dim=-1)
     student = F.log_softmax(logits / t, dim=-1)
     kl = (teacher.exp() * (teacher - student)).sum(-1).mean()  # per-token KL(teacher || student)
-    return (1 - config.distill) * ce + config.distill * (t * t) * kl
+    return loss + distill * (t * t) * kl
 
 
 def recover(
