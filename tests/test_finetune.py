@@ -124,8 +124,8 @@ def test_cli_compress_recover_and_finetune(
     assert "recovery: 6 steps" in text
     meta = rankcut.io.read_meta(out)
     assert meta["recovery"]["config"]["steps"] == 6
-    # default recovery data: 6 fresh windows sampled from the dense tiny Llama
-    assert meta["recovery"]["windows"] == 6 and meta["recovery"]["data"] == "auto"
+    # default recovery data ("auto", recorded resolved): 6 fresh windows sampled from the tiny Llama
+    assert meta["recovery"]["windows"] == 6 and meta["recovery"]["data"] == "generated"
     assert meta["method_config"]["allocation"] == "global"
     assert meta["method_config"]["pipeline"] == "sequential"
     code = main(

@@ -480,9 +480,10 @@ def cmd_compress(args: argparse.Namespace) -> int:
             progress=not args.quiet,
         )
     recovery_data = None
+    recovery_spec = resolve_recovery_spec(str(opts["recover_data"]), model)
     if recover:  # sampled from the dense model, so before it is compressed
         recovery_data = recovery_windows(
-            resolve_recovery_spec(str(opts["recover_data"]), model),
+            recovery_spec,
             tokenizer,
             recover,
             opts["recover_seq_len"],
@@ -526,7 +527,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
             args.quiet,
             lora_rank=opts["recover_lora"],
         )
-        extra["recovery"]["data"] = str(opts["recover_data"])
+        extra["recovery"]["data"] = recovery_spec  # resolved, as finetune records it
         del teacher, recovery_data
     if heldout is not None:
         ppl.update(
