@@ -87,3 +87,39 @@ def test_fast_forward_equals_module_calls_and_keeps_hooks():
 
     lr.up = Scaled(lr.up)
     torch.testing.assert_close(lr(x), 2 * fast, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 12), (1, 12), (12,)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_single_token_path_equals_the_matrix_path(shape, bias):
+    """One token goes through two matrix-vector products (decoding); the result and the
+    gradients are those of the batched path."""
+    torch.manual_seed(0)
+    lr = LowRankLinear.from_linear(nn.Linear(12, 20, bias=bias), rank=5)
+    x = torch.randn(shape, requires_grad=True)
+    one = lr(x)
+    assert one.shape == (*shape[:-1], 20)
+    batched = lr(torch.cat([x.reshape(1, 12), torch.zeros(1, 12)]))[0]
+    torch.testing.assert_close(one.reshape(20), batched, atol=1e-6, rtol=1e-6)
+    one.sum().backward()
+    grads = (x.grad.clone(), lr.down.weight.grad.clone(), lr.up.weight.grad.clone())
+    lr.zero_grad()
+    x.grad = None
+    (lr.up.weight @ (lr.down.weight @ x.reshape(12))).sum().backward()
+    for got, want in zip(grads, (x.grad, lr.down.weight.grad, lr.up.weight.grad), strict=True):
+        torch.testing.assert_close(got, want.reshape(got.shape), atol=1e-6, rtol=1e-6)
+
+
+def test_decode_layout_keeps_wide_factors_column_major_through_a_round_trip():
+    torch.manual_seed(0)
+    lr = LowRankLinear.from_linear(nn.Linear(12, 20), rank=5)
+    up, down = lr.up.weight, lr.down.weight
+    assert up.shape == (20, 5) and up.stride() == (1, 20)  # column-major: more outputs
+    assert down.shape == (5, 12) and down.is_contiguous()  # row-major: fewer outputs
+    state = {k: v.contiguous() for k, v in lr.state_dict().items()}  # as safetensors writes
+    rebuilt = LowRankLinear(12, 20, 5)
+    rebuilt.load_state_dict(state)
+    assert rebuilt.up.weight.stride() == (1, 20)
+    x = torch.randn(4, 12)
+    torch.testing.assert_close(rebuilt(x), lr(x), atol=0, rtol=0)
+    assert lr.to(torch.float64).up.weight.stride() == (1, 20)  # dtype casts keep it
