@@ -145,9 +145,9 @@ def decode_layout(linear: nn.Linear) -> None:
 
     One token at a time (decoding), a linear layer streams its weight from memory once
     per token, and how fast depends on the layout: on the 2-core CPU of the speed
-    benchmark a ``1536 x 336`` matrix took 221 us row-major and 118 us column-major,
-    a ``336 x 1536`` one 120 us row-major and 206 us column-major
-    (``benchmarks/results/speed.md``). So wide-output matrices, such as the ``up``
+    benchmark a ``1536 x 336`` matrix took 240 us row-major and 138 us column-major,
+    a ``336 x 1536`` one 140 us row-major and 242 us column-major
+    (``benchmarks/results/decode_layout.md``). So wide-output matrices, such as the ``up``
     factor of a low-rank layer, keep their transpose contiguous. The weight keeps its
     logical shape: state dicts, optimizers and adapters see an ordinary
     ``(out, in)`` parameter, and saving writes it contiguous.
