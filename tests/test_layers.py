@@ -117,9 +117,10 @@ def test_decode_layout_keeps_wide_factors_column_major_through_a_round_trip():
     assert up.shape == (20, 5) and up.stride() == (1, 20)  # column-major: more outputs
     assert down.shape == (5, 12) and down.is_contiguous()  # row-major: fewer outputs
     state = {k: v.contiguous() for k, v in lr.state_dict().items()}  # as safetensors writes
-    rebuilt = LowRankLinear(12, 20, 5)
-    rebuilt.load_state_dict(state)
-    assert rebuilt.up.weight.stride() == (1, 20)
+    for assign in (False, True):  # rankcut.load assigns the saved tensors
+        rebuilt = LowRankLinear(12, 20, 5, device="meta" if assign else None)
+        rebuilt.load_state_dict(state, assign=assign)
+        assert rebuilt.up.weight.stride() == (1, 20)
     x = torch.randn(4, 12)
     torch.testing.assert_close(rebuilt(x), lr(x), atol=0, rtol=0)
     assert lr.to(torch.float64).up.weight.stride() == (1, 20)  # dtype casts keep it

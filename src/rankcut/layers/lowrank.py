@@ -45,8 +45,15 @@ class LowRankLinear(nn.Module):
         self.rank = rank
         self.down = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
         self.up = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
+        self._decode_layout()
+        # Loading with assign=True (rankcut.load) installs the saved, contiguous tensors:
+        # lay them out again afterwards.
+        self.register_load_state_dict_post_hook(lambda module, _: module._decode_layout())
+
+    def _decode_layout(self) -> None:
         for factor in (self.down, self.up):
-            decode_layout(factor)
+            if isinstance(factor, nn.Linear):
+                decode_layout(factor)
 
     @classmethod
     def from_factors(
