@@ -88,7 +88,10 @@ def run_errors(args) -> None:
     start = time.perf_counter()
     stats = collect_layer_stats(model, modules, calib, frozenset({"gram"}), progress=True)
     print(f"statistics: {time.perf_counter() - start:.0f} s", flush=True)
-    rows = []
+    # Rows of other matrices measured earlier with the same calibration are kept.
+    earlier = load_results().get("errors", {})
+    same = (earlier.get("samples"), earlier.get("seq_len")) == (args.samples, args.seq_len)
+    rows = [r for r in earlier.get("rows", []) if same and r["module"] not in names]
     for name in names:
         w = dense_weight(modules[name]).detach().to(torch.float64)
         m, n = w.shape
