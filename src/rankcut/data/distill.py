@@ -222,6 +222,7 @@ def _draw(logits: Tensor, temperature: float, forbidden: Tensor, generator) -> T
     a random number per vocabulary entry, as an exponential race does, costs ten times
     more for a large vocabulary)."""
     probs = torch.softmax(logits.double() / temperature, dim=-1)
+    forbidden = forbidden[forbidden < probs.shape[1]]  # ids the model's head lacks
     if forbidden.numel():
         probs[:, forbidden] = 0.0
     cdf = probs.cumsum_(-1)
