@@ -37,6 +37,9 @@ def test_save_load_logits_equal(arch, compressed, tmp_path, windows):
     before = {n: m.rank for n, m in factorized_modules(model)}
     assert {n: m.rank for n, m in factorized_modules(loaded)} == before
     assert bool(before) == compressed
+    for _, layer in factorized_modules(loaded):  # the decode layout survives loading
+        up = layer.up.weight
+        assert up.shape[0] <= up.shape[1] or up.stride() == (1, up.shape[0])
     meta = json.loads((tmp_path / "out" / "rankcut.json").read_text())
     assert {n: s["rank"] for n, s in meta["layers"].items()} == before
     if compressed:
