@@ -1,5 +1,7 @@
 """LowRankLinear: construction from nn.Linear and GPT-2 Conv1D, counts, round trips."""
 
+import io
+
 import pytest
 import torch
 from torch import nn
@@ -124,3 +126,9 @@ def test_decode_layout_keeps_wide_factors_column_major_through_a_round_trip():
     x = torch.randn(4, 12)
     torch.testing.assert_close(rebuilt(x), lr(x), atol=0, rtol=0)
     assert lr.to(torch.float64).up.weight.stride() == (1, 20)  # dtype casts keep it
+    buffer = io.BytesIO()  # the layer pickles (torch.save of a whole model)
+    torch.save(lr, buffer)
+    buffer.seek(0)
+    unpickled = torch.load(buffer, weights_only=False)
+    assert unpickled.up.weight.stride() == (1, 20)
+    torch.testing.assert_close(unpickled(x.double()), lr(x.double()), atol=0, rtol=0)

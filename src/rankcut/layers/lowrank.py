@@ -47,8 +47,9 @@ class LowRankLinear(nn.Module):
         self.up = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
         self._decode_layout()
         # Loading with assign=True (rankcut.load) installs the saved, contiguous tensors:
-        # lay them out again afterwards.
-        self.register_load_state_dict_post_hook(lambda module, _: module._decode_layout())
+        # lay them out again afterwards. (A module-level function, not a lambda, so that
+        # the layer still pickles: torch.save(model), multiprocessing.)
+        self.register_load_state_dict_post_hook(_decode_layout_after_load)
 
     def _decode_layout(self) -> None:
         for factor in (self.down, self.up):
@@ -164,6 +165,10 @@ def decode_layout(linear: nn.Linear) -> None:
     if out_features > in_features and weight.stride() == (in_features, 1):
         column_major = weight.detach().t().contiguous().t()
         linear.weight = nn.Parameter(column_major, requires_grad=weight.requires_grad)
+
+
+def _decode_layout_after_load(module: LowRankLinear, incompatible_keys) -> None:
+    module._decode_layout()
 
 
 def _plain(m: nn.Module) -> bool:
