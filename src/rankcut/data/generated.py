@@ -213,12 +213,12 @@ def recovery_windows(
     from .corpora import load_text
     from .windows import calibration_windows, tokenize
 
-    parts = [p.strip() for p in spec.split("+")]
     count = steps if count is None else count
     if count < 1:
         raise RankcutError(f"need at least one recovery window, got {count}")
+    parts = _parts(spec, count)
     if GENERATED in parts:
-        return _distill_windows(spec, tokenizer, count, seq_len, seed + 1, model, progress)
+        return _distill_windows(parts, tokenizer, count, seq_len, seed + 1, model, progress)
     if len(parts) > 1:
         return windows_from_spec(spec, tokenizer, count, seq_len, seed + 1, progress=progress)
     text = load_text(spec)
@@ -226,16 +226,16 @@ def recovery_windows(
     return calibration_windows(text, tokenizer, min(count, available), seq_len, seed + 1)
 
 
-def _distill_windows(spec, tokenizer, count, seq_len, seed, model, progress) -> DistillWindows:
-    """Windows of ``spec`` with the dense ``model``'s top-k targets: its samples carry the
-    targets it computed while sampling, text parts get them from one forward pass."""
+def _distill_windows(parts, tokenizer, count, seq_len, seed, model, progress) -> DistillWindows:
+    """Windows of the spec ``parts`` with the dense ``model``'s top-k targets: its samples
+    carry the targets it computed while sampling, text parts get them from one forward
+    pass."""
     from .corpora import load_text
     from .distill import sample_distill_windows, teacher_targets
     from .windows import calibration_windows
 
     if model is None:
         raise RankcutError("'generated' recovery data needs the model to sample from")
-    parts = _parts(spec, count)
     chunks = []
     for part, n in zip(parts, _split(count, len(parts)), strict=True):
         if part == GENERATED:
