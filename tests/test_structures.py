@@ -208,6 +208,8 @@ def test_forward_equals_reconstructed_product(method, monkeypatch):
     dense = layer.weight_product().detach()
     x = torch.randn(3, 7, 16, dtype=torch.float64)
     expected = x @ dense.T + bias
+    if isinstance(layer, KroneckerLinear):
+        layer.allow_rebuild = False  # its batch rule is tested on its own below
     monkeypatch.setattr(type(layer), "weight_product", lambda self: pytest.fail("rebuilt W"))
     # batched (the sparse-dense layer scatters its factor) and one token (it gathers)
     torch.testing.assert_close(layer(x), expected)
@@ -216,6 +218,32 @@ def test_forward_equals_reconstructed_product(method, monkeypatch):
     monkeypatch.undo()
     linear = layer.to_linear()
     torch.testing.assert_close(linear(x), expected)
+
+
+def test_kronecker_rebuilds_only_where_cheaper():
+    """Many terms: one token goes through the factors, a large batch through ``W'``."""
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randn(12, 4, 4, generator=gen, dtype=torch.float64)
+    b = torch.randn(12, 6, 6, generator=gen, dtype=torch.float64)
+    layer = KroneckerLinear.from_parts(a, b, rank=3)
+    dense = torch.kron(a[0], b[0]) + sum(torch.kron(a[k], b[k]) for k in range(1, 12))
+    m, n = layer.out_features, layer.in_features
+    assert layer.factored_macs() == 12 * min(4 * 6 * 6 + 4 * 4 * 6, 4 * 4 * 6 + 4 * 6 * 6)
+    # the rule: T * factored > (K + T) * m n
+    cut = next(t for t in range(1, 1000) if t * layer.factored_macs() > (12 + t) * m * n)
+    assert not layer.rebuilds_for(cut - 1) and layer.rebuilds_for(cut)
+    calls = []
+    real = KroneckerLinear.weight_product
+    layer.weight_product = lambda: calls.append(1) or real(layer)
+    for tokens in (1, cut - 1, cut, 3 * cut):
+        x = torch.randn(tokens, n, generator=gen, dtype=torch.float64, requires_grad=True)
+        y = layer(x)
+        torch.testing.assert_close(y, x @ dense.T)
+        y.square().sum().backward()  # both paths are differentiable
+        assert torch.isfinite(layer.a.grad).all() and torch.isfinite(x.grad).all()
+    assert len(calls) == 2  # the two batches at or above the cut
+    layer.allow_rebuild = False
+    assert not layer.rebuilds_for(10 * cut)
 
 
 @pytest.mark.parametrize("method", STRUCTURES)

@@ -14,8 +14,11 @@ class KroneckerLinear(StructuredLinear):
     Forward uses ``(A (x) B) vec(X) = vec(A X B^T)`` with the input reshaped to
     ``(n1, n2)`` (row-major): two batched matmuls, contracting first with whichever
     factor gives the smaller intermediate: ``K (n1 n2 m2 + m1 n1 m2)`` or
-    ``K (m1 n1 n2 + m1 n2 m2)`` multiply-adds per token instead of ``m1 m2 n1 n2``, which
-    is *more* than dense once ``K`` nears its maximum. Costs ``K (m1 n1 + m2 n2)``.
+    ``K (m1 n1 n2 + m1 n2 m2)`` multiply-adds per token (``factored_macs``) instead of
+    ``m n``, which is *more* than dense once ``K`` is in the hundreds. For a batch of
+    ``T`` tokens where ``T factored_macs > K m n + T m n``, building ``W'`` once
+    (``K m n`` multiply-adds, transient, differentiable) and applying it is cheaper, and
+    the forward does that unless ``allow_rebuild`` is False. Stores ``K (m1 n1 + m2 n2)``.
 
     Example:
         >>> import torch
@@ -65,7 +68,25 @@ class KroneckerLinear(StructuredLinear):
             layer.b.copy_(b)
         return layer.set_bias(bias)
 
+    #: Rebuild ``W'`` for a batch when that takes fewer multiply-adds (see the class doc).
+    allow_rebuild: bool = True
+
+    def factored_macs(self) -> int:
+        """Multiply-adds per token of the factored forward (the cheaper contraction order)."""
+        k, m1, n1, m2, n2 = self.terms, self.m1, self.n1, self.m2, self.n2
+        return k * min(n1 * n2 * m2 + m1 * n1 * m2, m1 * n1 * n2 + m1 * n2 * m2)
+
+    def rebuilds_for(self, tokens: int) -> bool:
+        """Whether a batch of ``tokens`` goes through the rebuilt ``W'``."""
+        dense = self.out_features * self.in_features
+        return self.allow_rebuild and tokens * self.factored_macs() > (self.terms + tokens) * dense
+
     def _forward(self, x: Tensor) -> Tensor:
+        if self.rebuilds_for(x.numel() // self.in_features):
+            return x @ self.weight_product().T
+        return self._factored(x)
+
+    def _factored(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
         k, m1, n1, m2, n2 = self.terms, self.m1, self.n1, self.m2, self.n2
         xs = x.reshape(-1, n1, n2)

@@ -46,8 +46,9 @@ def index_cost(count: int, limit: int) -> float:
 class StructuredLinear(nn.Module):
     """Base of structured replacements for a dense ``(out, in)`` linear layer.
 
-    Subclasses define ``_forward(x)`` (without bias; never rebuilding the dense
-    weight), ``weight_product()`` (the dense matrix, for analysis), ``_structure()``
+    Subclasses define ``_forward(x)`` (without bias; never storing the dense weight,
+    and building it only transiently where that costs fewer multiply-adds, as
+    ``KroneckerLinear`` does for large batches), ``weight_product()`` (the dense matrix, for analysis), ``_structure()``
     (the fields ``from_structure`` needs besides shape/bias/rank) and ``_build``. The
     ``rank`` attribute is the *budget rank* the allocator gave: the layer stores at most
     about ``rank (in + out)`` parameters (see the module docstring).
@@ -70,7 +71,7 @@ class StructuredLinear(nn.Module):
         raise NotImplementedError
 
     def weight_product(self) -> Tensor:
-        """The dense ``(out, in)`` matrix this layer applies (for analysis, not forward)."""
+        """The dense ``(out, in)`` matrix this layer applies (analysis, ``to_linear``)."""
         raise NotImplementedError
 
     def _structure(self) -> dict:
