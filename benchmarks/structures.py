@@ -3,6 +3,7 @@
 Usage:
     PYTHONPATH=src .venv/bin/python benchmarks/structures.py errors [--layers 3 15 27]
         [--modules q_proj k_proj o_proj gate_proj down_proj] [--samples 32] [--seq-len 512]
+        [--fractions 0.25 0.5 0.75]
     PYTHONPATH=src .venv/bin/python benchmarks/structures.py speed [--repeats 30]
     PYTHONPATH=src .venv/bin/python benchmarks/structures.py ppl [--ratios 0.2 0.4]
         [--methods svd-llm cur kronecker svd-sparse dense-sparse dictionary] [--tokens 4096]
@@ -12,7 +13,8 @@ Usage:
 ``errors`` (a): real SmolLM2-135M matrices with real calibration statistics (Gram of
 their inputs over ``samples x seq-len`` tokens of ``shakespeare``): the whitened
 relative error ``||(W - W') S||_F / ||W S||_F`` (``S S^T = X^T X``) of every structure at
-25/50/75% of the dense parameter count (index storage included), against ``svd-llm``.
+25/50/75% (``--fractions``) of the dense parameter count (index storage included), against
+``svd-llm``.
 ``speed`` (c): forward time of each layer type at batch 1 and batch 512 relative to the
 dense ``nn.Linear``, float32 on the CPU. ``ppl`` (b): the whole model compressed with
 each method at uniform ranks from one shared set of calibration statistics, held-out
@@ -88,16 +90,20 @@ def run_errors(args) -> None:
     start = time.perf_counter()
     stats = collect_layer_stats(model, modules, calib, frozenset({"gram"}), progress=True)
     print(f"statistics: {time.perf_counter() - start:.0f} s", flush=True)
-    # Rows of other matrices measured earlier with the same calibration are kept.
-    earlier = load_results().get("errors", {})
+    # Rows measured earlier with the same calibration are kept unless this run redoes them.
+    earlier = load_results().get("errors", {}) if not args.redo else {}
     same = (earlier.get("samples"), earlier.get("seq_len")) == (args.samples, args.seq_len)
-    rows = [r for r in earlier.get("rows", []) if same and r["module"] not in names]
+    redone = {(n, f) for n in names for f in args.fractions}
+    rows = [
+        r for r in earlier.get("rows", []) if same and (r["module"], r["fraction"]) not in redone
+    ]
+    commands = [c for c in earlier.get("commands", []) if same and c != command_line()]
     for name in names:
         w = dense_weight(modules[name]).detach().to(torch.float64)
         m, n = w.shape
         chol = stats[name].inputs.cholesky(1e-6, name)
         base = float((w @ chol).norm())
-        for frac in FRACTIONS:
+        for frac in args.fractions:
             rank = math.floor(frac * m * n / (m + n))
             for label, method, options in VARIANTS:
                 spec = METHODS[method]
@@ -129,7 +135,7 @@ def run_errors(args) -> None:
         store(
             "errors",
             {  # after every matrix, so that an interrupted run keeps its rows
-                "command": command_line(),
+                "commands": [*commands, command_line()],
                 "model": args.model,
                 "samples": args.samples,
                 "seq_len": args.seq_len,
@@ -309,16 +315,17 @@ def error_table(data: dict) -> list[str]:
     rows = data["rows"]
     variants = [v for v, _, _ in VARIANTS if any(r["variant"] == v for r in rows)]
     modules = list(dict.fromkeys(r["module"] for r in rows))
+    fractions = sorted({r["fraction"] for r in rows})
     out = [
         "| structure | "
-        + " | ".join(f"{int(f * 100)}% (mean err / params)" for f in FRACTIONS)
+        + " | ".join(f"{f * 100:g}% (mean err / params)" for f in fractions)
         + " | wins vs svd-llm |",
-        "|---|" + "---|" * (len(FRACTIONS) + 1),
+        "|---|" + "---|" * (len(fractions) + 1),
     ]
     ref = {(r["module"], r["fraction"]): r["rel_error"] for r in rows if r["variant"] == "svd-llm"}
     for v in variants:
         cells, wins, total = [], 0, 0
-        for f in FRACTIONS:
+        for f in fractions:
             sel = [r for r in rows if r["variant"] == v and r["fraction"] == f]
             if not sel:
                 cells.append("-")
@@ -436,7 +443,15 @@ def write_report() -> None:
             lines += ["not run", ""]
             continue
         data = results[key]
-        lines += [f"Command: `{data['command']}` ({data['date']})", ""]
+        commands = data.get("commands", [data.get("command")])
+        lines += [
+            "Command"
+            + ("s" if len(commands) > 1 else "")
+            + ": "
+            + "; ".join(f"`{c}`" for c in commands)
+            + f" (last run {data['date']})",
+            "",
+        ]
         lines += table(data) + [""]
     MD.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -453,6 +468,8 @@ def main() -> None:
     )
     e.add_argument("--samples", type=int, default=32)
     e.add_argument("--seq-len", type=int, default=512)
+    e.add_argument("--fractions", nargs="+", type=float, default=list(FRACTIONS))
+    e.add_argument("--redo", action="store_true", help="drop the rows measured earlier")
     s = sub.add_parser("speed")
     s.add_argument("--repeats", type=int, default=30)
     s.add_argument("--threads", type=int, default=1)
