@@ -3,7 +3,7 @@
 Usage:
     PYTHONPATH=src .venv/bin/python benchmarks/structures.py errors [--layers 3 15 27]
         [--modules q_proj k_proj o_proj gate_proj down_proj] [--samples 32] [--seq-len 512]
-        [--fractions 0.25 0.5 0.75]
+        [--fractions 0.25 0.5 0.75] [--variants kronecker ...]
     PYTHONPATH=src .venv/bin/python benchmarks/structures.py speed [--repeats 30]
     PYTHONPATH=src .venv/bin/python benchmarks/structures.py ppl [--ratios 0.2 0.4]
         [--methods svd-llm cur kronecker svd-sparse dense-sparse dictionary] [--tokens 4096]
@@ -93,9 +93,12 @@ def run_errors(args) -> None:
     # Rows measured earlier with the same calibration are kept unless this run redoes them.
     earlier = load_results().get("errors", {}) if not args.redo else {}
     same = (earlier.get("samples"), earlier.get("seq_len")) == (args.samples, args.seq_len)
-    redone = {(n, f) for n in names for f in args.fractions}
+    variants = [v for v in VARIANTS if not args.variants or v[0] in args.variants]
+    redone = {(n, f, v[0]) for n in names for f in args.fractions for v in variants}
     rows = [
-        r for r in earlier.get("rows", []) if same and (r["module"], r["fraction"]) not in redone
+        r
+        for r in earlier.get("rows", [])
+        if same and (r["module"], r["fraction"], r["variant"]) not in redone
     ]
     commands = [c for c in earlier.get("commands", []) if same and c != command_line()]
     for name in names:
@@ -105,7 +108,7 @@ def run_errors(args) -> None:
         base = float((w @ chol).norm())
         for frac in args.fractions:
             rank = math.floor(frac * m * n / (m + n))
-            for label, method, options in VARIANTS:
+            for label, method, options in variants:
                 spec = METHODS[method]
                 config = spec.config_cls(allocation="uniform", **options)
                 t0 = time.perf_counter()
@@ -470,6 +473,7 @@ def main() -> None:
     e.add_argument("--seq-len", type=int, default=512)
     e.add_argument("--fractions", nargs="+", type=float, default=list(FRACTIONS))
     e.add_argument("--redo", action="store_true", help="drop the rows measured earlier")
+    e.add_argument("--variants", nargs="+", help="only these rows (labels of VARIANTS)")
     s = sub.add_parser("speed")
     s.add_argument("--repeats", type=int, default=30)
     s.add_argument("--threads", type=int, default=1)

@@ -33,6 +33,7 @@ from rankcut.layers import (
     factorized_modules,
 )
 from rankcut.methods import METHODS, SvdLlmConfig
+from rankcut.methods.kronecker import best_prefix, prefix_grid
 
 from .conftest import tiny_llama
 
@@ -218,6 +219,39 @@ def test_forward_equals_reconstructed_product(method, monkeypatch):
     monkeypatch.undo()
     linear = layer.to_linear()
     torch.testing.assert_close(linear(x), expected)
+
+
+def test_kronecker_keeps_the_prefix_with_the_lowest_true_error():
+    """A Gram with outlier channels is far from Kronecker: the factored-Gram fit is then
+    not monotone in its number of terms, and the prefix choice keeps the fit's real
+    output error non-increasing with the budget (it rose at rank 4 without it)."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(24, 36, generator=gen, dtype=torch.float64)
+    x = torch.randn(8 * 36, 36, generator=gen, dtype=torch.float64)
+    x[:, torch.randperm(36, generator=gen)[:3]] *= 20
+    inputs = InputStats(36)
+    inputs.update(x)
+    stats = LayerStats(inputs=inputs)
+    errors = [
+        output_error(w, build("kronecker", w, stats, r).weight_product(), stats)
+        for r in range(1, 15)
+    ]
+    for small, large in zip(errors, errors[1:], strict=False):
+        assert large <= small * (1 + 1e-9)
+    # the choice is the best prefix of the grid, checked by brute force
+    chol = stats.inputs.cholesky()
+    a, b, _ = kronecker_svd(w, 4, 6)
+    k, err = best_prefix(w, a[:9], b[:9], chol)
+    brute = {j: float((((w - kron_sum(a[:j], b[:j])) @ chol) ** 2).sum()) for j in prefix_grid(9)}
+    assert k == min(brute, key=brute.get) and err == pytest.approx(brute[k], rel=1e-9)
+
+
+@given(st.integers(1, 5000))
+def test_prefix_grid_is_sorted_and_ends_at_the_count(count):
+    grid = prefix_grid(count)
+    assert grid[0] == 1 and grid[-1] == count and grid == sorted(set(grid))
+    # geometric: each step at most doubles (so the best prefix is found within 2x)
+    assert all(b <= 2 * a for a, b in zip(grid, grid[1:], strict=False))
 
 
 def test_kronecker_rebuilds_only_where_cheaper():

@@ -30,7 +30,7 @@ WHITEN = ("auto", "kron", "none")
 class KroneckerConfig(WhitenedConfig):
     """``W' = sum_k A_k (x) B_k`` (SoKA's KPSVD).
 
-    Each term costs ``m1 n1 + m2 n2``; the budget ``rank (out + in)`` sets the number of
+    Each term costs ``m1 n1 + m2 n2``; the budget ``rank (out + in)`` caps the number of
     terms. Calibration uses the nearest Kronecker factorization ``G1 (x) G2`` of the
     input Gram, in whose coordinates the fit is exact (``rankcut.decompose.kronecker``).
 
@@ -39,9 +39,14 @@ class KroneckerConfig(WhitenedConfig):
             first, see ``candidates``) or ``"M1xN1"`` for ``A_k`` of that shape.
         candidates: with ``auto``, how many of the cheapest factor shapes to fit; the
             one with the lowest output error wins.
-        terms: ``budget`` (as many terms as the budget pays for), ``energy`` (the fewest
-            keeping ``energy`` of the rearranged spectrum's energy, at most the budget)
-            or ``elbow`` (the elbow of that spectrum, at most the budget).
+        terms: the most terms to keep: ``budget`` (as many as the budget pays for),
+            ``energy`` (the fewest keeping ``energy`` of the rearranged spectrum's
+            energy, at most the budget) or ``elbow`` (the elbow of that spectrum, at most
+            the budget). Below that cap, the prefix with the lowest true output error
+            is kept (``best_prefix``): each fit is exact only for its own metric (the
+            plain Frobenius norm, or the Kronecker-factored Gram ``G1 (x) G2``, far from
+            the real Gram of an LLM's activations), so more terms can raise the real
+            output error.
         energy: energy fraction for ``terms="energy"``.
         whiten: ``kron`` (Kronecker-factored Gram), ``none`` (plain Frobenius) or
             ``auto`` (both; the lower true output error ``||(W - W') S||`` wins).
@@ -79,6 +84,30 @@ def number_of_terms(s: torch.Tensor, budget_terms: int, config: KroneckerConfig)
     return max(k, 1)
 
 
+def prefix_grid(count: int) -> list[int]:
+    """Term counts tried by ``best_prefix``: ``round(2^(i/2))`` below ``count``, and ``count``."""
+    steps = {round(2 ** (i / 2)) for i in range(2 * max(count, 1).bit_length() + 1)}
+    return sorted({k for k in steps if k < count} | {count})
+
+
+def best_prefix(weight, a, b, chol) -> tuple[int, float]:
+    """Among the prefixes ``prefix_grid(len(a))`` of a fit's terms (best first), the one
+    with the lowest output error ``||(W - W') S||_F^2``: ``(terms, error)``.
+
+    The partial sums grow term by term, so ``W'`` is built once (``K m n``
+    multiply-adds) and each tried prefix costs one error evaluation (``m n^2``).
+    """
+    approx = torch.zeros_like(weight)
+    done, best = 0, (0, float("inf"))
+    for k in prefix_grid(a.shape[0]):
+        approx += kron_sum(a[done:k], b[done:k])
+        done = k
+        err = whitened_error(weight, approx, chol)
+        if err < best[1]:
+            best = (k, err)
+    return best
+
+
 def kronecker_fit(weight, chol, m1, n1, rank, config, gram=None):
     """Best fit for one factor shape: ``(a, b, output error)``."""
     m, n = weight.shape
@@ -99,7 +128,10 @@ def kronecker_fit(weight, chol, m1, n1, rank, config, gram=None):
         a = torch.linalg.solve_triangular(s1, a[:k], upper=False, left=False)
         b = torch.linalg.solve_triangular(s2, b[:k], upper=False, left=False)
         fits.append((a, b))
-    scored = [(whitened_error(weight, kron_sum(a, b), chol), a, b) for a, b in fits]
+    scored = []
+    for a, b in fits:
+        k, err = best_prefix(weight, a, b, chol)
+        scored.append((err, a[:k], b[:k]))
     err, a, b = min(scored, key=lambda t: t[0])
     return a, b, err
 
