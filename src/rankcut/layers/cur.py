@@ -25,6 +25,8 @@ class CURLinear(StructuredLinear):
         True
     """
 
+    structure_fields = ("columns", "rows")
+
     def __init__(
         self, in_features, out_features, rank, columns, rows, bias=True, device=None, dtype=None
     ):
@@ -77,19 +79,3 @@ class CURLinear(StructuredLinear):
 
     def weight_product(self) -> Tensor:
         return self.c @ self.u @ self.r
-
-    def _structure(self) -> dict:
-        return {"columns": self.columns, "rows": self.rows}
-
-    @classmethod
-    def from_structure(cls, spec: dict, device="meta", dtype=None) -> CURLinear:
-        return cls(
-            int(spec["in_features"]),
-            int(spec["out_features"]),
-            int(spec["rank"]),
-            int(spec["columns"]),
-            int(spec["rows"]),
-            bool(spec["bias"]),
-            device=device,
-            dtype=dtype,
-        )

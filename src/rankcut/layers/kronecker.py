@@ -29,6 +29,8 @@ class KroneckerLinear(StructuredLinear):
         True
     """
 
+    structure_fields = ("m1", "n1", "terms")
+
     def __init__(
         self, in_features, out_features, rank, m1, n1, terms, bias=True, device=None, dtype=None
     ):
@@ -109,20 +111,3 @@ class KroneckerLinear(StructuredLinear):
         from ..decompose.kronecker import kron_sum
 
         return kron_sum(self.a, self.b)
-
-    def _structure(self) -> dict:
-        return {"m1": self.m1, "n1": self.n1, "terms": self.terms}
-
-    @classmethod
-    def from_structure(cls, spec: dict, device="meta", dtype=None) -> KroneckerLinear:
-        return cls(
-            int(spec["in_features"]),
-            int(spec["out_features"]),
-            int(spec["rank"]),
-            int(spec["m1"]),
-            int(spec["n1"]),
-            int(spec["terms"]),
-            bool(spec["bias"]),
-            device=device,
-            dtype=dtype,
-        )

@@ -29,6 +29,8 @@ class SparseLowRankLinear(StructuredLinear):
         11
     """
 
+    structure_fields = ("low_rank", "nnz")
+
     def __init__(
         self, in_features, out_features, rank, low_rank, nnz, bias=True, device=None, dtype=None
     ):
@@ -96,22 +98,6 @@ class SparseLowRankLinear(StructuredLinear):
     def weight_product(self) -> Tensor:
         return self.up @ self.down + self.sparse_matrix().to_dense()
 
-    def _structure(self) -> dict:
-        return {"low_rank": self.low_rank, "nnz": self.nnz}
-
-    @classmethod
-    def from_structure(cls, spec: dict, device="meta", dtype=None) -> SparseLowRankLinear:
-        return cls(
-            int(spec["in_features"]),
-            int(spec["out_features"]),
-            int(spec["rank"]),
-            int(spec["low_rank"]),
-            int(spec["nnz"]),
-            bool(spec["bias"]),
-            device=device,
-            dtype=dtype,
-        )
-
 
 class SparseDenseLinear(StructuredLinear):
     """``y = C (D x)``: dense ``D`` ``(k, in)``, row-sparse ``C`` ``(out, k)``.
@@ -132,6 +118,8 @@ class SparseDenseLinear(StructuredLinear):
         >>> layer.num_params()  # d 4*6 + values 4*2 + idx 8 x 1 byte / 4
         34
     """
+
+    structure_fields = ("k", "count", "group")
 
     #: Token count up to which ``forward`` gathers instead of scattering ``C``.
     gather_max_tokens = 8
@@ -215,20 +203,3 @@ class SparseDenseLinear(StructuredLinear):
 
     def weight_product(self) -> Tensor:
         return self.sparse_factor() @ self.d
-
-    def _structure(self) -> dict:
-        return {"k": self.k, "count": self.count, "group": self.group}
-
-    @classmethod
-    def from_structure(cls, spec: dict, device="meta", dtype=None) -> SparseDenseLinear:
-        return cls(
-            int(spec["in_features"]),
-            int(spec["out_features"]),
-            int(spec["rank"]),
-            int(spec["k"]),
-            int(spec["count"]),
-            int(spec["group"]),
-            bool(spec["bias"]),
-            device=device,
-            dtype=dtype,
-        )

@@ -48,9 +48,10 @@ class StructuredLinear(nn.Module):
 
     Subclasses define ``_forward(x)`` (without bias; never storing the dense weight,
     and building it only transiently where that costs fewer multiply-adds, as
-    ``KroneckerLinear`` does for large batches), ``weight_product()`` (the dense matrix, for analysis), ``_structure()``
-    (the fields ``from_structure`` needs besides shape/bias/rank) and ``_build``. The
-    ``rank`` attribute is the *budget rank* the allocator gave: the layer stores at most
+    ``KroneckerLinear`` does for large batches), ``weight_product()`` (the dense matrix)
+    and ``structure_fields``: the integer constructor arguments between ``rank`` and
+    ``bias``, also attributes, which ``structure()`` records and ``from_structure``
+    passes back. The ``rank`` attribute is the *budget rank* the allocator gave: the layer stores at most
     about ``rank (in + out)`` parameters (see the module docstring).
     """
 
@@ -74,8 +75,24 @@ class StructuredLinear(nn.Module):
         """The dense ``(out, in)`` matrix this layer applies (analysis, ``to_linear``)."""
         raise NotImplementedError
 
+    #: Integer constructor arguments after ``rank`` (and attributes of the same names).
+    structure_fields: tuple[str, ...] = ()
+
     def _structure(self) -> dict:
-        return {}
+        return {key: getattr(self, key) for key in self.structure_fields}
+
+    @classmethod
+    def from_structure(cls, spec: dict, device="meta", dtype=None) -> StructuredLinear:
+        """The layer ``structure()`` describes, uninitialized (on the meta device by default)."""
+        return cls(
+            int(spec["in_features"]),
+            int(spec["out_features"]),
+            int(spec["rank"]),
+            *(int(spec[key]) for key in cls.structure_fields),
+            bool(spec["bias"]),
+            device=device,
+            dtype=dtype,
+        )
 
     # -- shared behaviour -------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
