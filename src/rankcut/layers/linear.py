@@ -50,3 +50,46 @@ def linear_from(weight: Tensor, bias: Tensor | None) -> nn.Linear:
         if bias is not None:
             linear.bias.copy_(bias)
     return linear
+
+
+class Rebuildable:
+    """What rankcut's factorized layers share to be saved as JSON and rebuilt empty.
+
+    A layer's constructor takes ``(in_features, out_features, rank, *fields, bias,
+    device=, dtype=)`` where ``fields`` are the integer attributes named in
+    ``structure_fields``; ``structure()`` records them for ``rankcut.json`` and
+    ``from_structure`` builds the same (uninitialized) layer back for loading.
+    """
+
+    #: Integer constructor arguments after ``rank`` (and attributes of the same names).
+    structure_fields: tuple[str, ...] = ()
+
+    def has_bias(self) -> bool:
+        raise NotImplementedError
+
+    def _structure(self) -> dict:
+        return {key: getattr(self, key) for key in self.structure_fields}
+
+    def structure(self) -> dict:
+        """What ``rankcut.json`` records to rebuild this layer."""
+        return {
+            "type": type(self).__name__,
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "rank": self.rank,
+            "bias": self.has_bias(),
+            **self._structure(),
+        }
+
+    @classmethod
+    def from_structure(cls, spec: dict, device: str | torch.device = "meta", dtype=None):
+        """The layer ``structure()`` describes, uninitialized (on the meta device by default)."""
+        return cls(
+            int(spec["in_features"]),
+            int(spec["out_features"]),
+            int(spec["rank"]),
+            *(int(spec[key]) for key in cls.structure_fields),
+            bool(spec["bias"]),
+            device=device,
+            dtype=dtype,
+        )

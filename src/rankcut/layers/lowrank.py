@@ -7,10 +7,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as _module
 
-from .linear import dense_weight, linear_from
+from .linear import Rebuildable, dense_weight, linear_from
 
 
-class LowRankLinear(nn.Module):
+class LowRankLinear(Rebuildable, nn.Module):
     """A rank-``r`` replacement for a dense ``(out, in)`` linear layer.
 
     Holds ``down`` (``in -> r``, no bias) and ``up`` (``r -> out``, carrying the
@@ -126,26 +126,8 @@ class LowRankLinear(nn.Module):
             f"rank={self.rank}, bias={self.up.bias is not None}"
         )
 
-    def structure(self) -> dict:
-        """What ``rankcut.json`` records to rebuild this layer."""
-        return {
-            "type": type(self).__name__,
-            "in_features": self.in_features,
-            "out_features": self.out_features,
-            "rank": self.rank,
-            "bias": self.up.bias is not None,
-        }
-
-    @classmethod
-    def from_structure(cls, spec: dict, device: str | torch.device = "meta", dtype=None):
-        return cls(
-            int(spec["in_features"]),
-            int(spec["out_features"]),
-            int(spec["rank"]),
-            bool(spec["bias"]),
-            device=device,
-            dtype=dtype,
-        )
+    def has_bias(self) -> bool:
+        return self.up.bias is not None
 
 
 def decode_layout(linear: nn.Linear) -> None:

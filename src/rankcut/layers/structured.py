@@ -23,7 +23,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .linear import linear_from
+from .linear import Rebuildable, linear_from
 
 #: Bytes of the unit in which index storage is counted (a float32 parameter).
 UNIT_BYTES = 4
@@ -43,16 +43,15 @@ def index_cost(count: int, limit: int) -> float:
     return count * torch.empty((), dtype=index_dtype(limit)).element_size() / UNIT_BYTES
 
 
-class StructuredLinear(nn.Module):
+class StructuredLinear(Rebuildable, nn.Module):
     """Base of structured replacements for a dense ``(out, in)`` linear layer.
 
     Subclasses define ``_forward(x)`` (without bias; never storing the dense weight,
     and building it only transiently where that costs fewer multiply-adds, as
     ``KroneckerLinear`` does for large batches), ``weight_product()`` (the dense matrix)
-    and ``structure_fields``: the integer constructor arguments between ``rank`` and
-    ``bias``, also attributes, which ``structure()`` records and ``from_structure``
-    passes back. The ``rank`` attribute is the *budget rank* the allocator gave: the layer stores at most
-    about ``rank (in + out)`` parameters (see the module docstring).
+    and ``structure_fields`` (see ``Rebuildable``). The ``rank`` attribute is the *budget
+    rank* the allocator gave: the layer stores at most about ``rank (in + out)``
+    parameters (see the module docstring).
     """
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool, device, dtype):
@@ -74,25 +73,6 @@ class StructuredLinear(nn.Module):
     def weight_product(self) -> Tensor:
         """The dense ``(out, in)`` matrix this layer applies (analysis, ``to_linear``)."""
         raise NotImplementedError
-
-    #: Integer constructor arguments after ``rank`` (and attributes of the same names).
-    structure_fields: tuple[str, ...] = ()
-
-    def _structure(self) -> dict:
-        return {key: getattr(self, key) for key in self.structure_fields}
-
-    @classmethod
-    def from_structure(cls, spec: dict, device="meta", dtype=None) -> StructuredLinear:
-        """The layer ``structure()`` describes, uninitialized (on the meta device by default)."""
-        return cls(
-            int(spec["in_features"]),
-            int(spec["out_features"]),
-            int(spec["rank"]),
-            *(int(spec[key]) for key in cls.structure_fields),
-            bool(spec["bias"]),
-            device=device,
-            dtype=dtype,
-        )
 
     # -- shared behaviour -------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
@@ -125,16 +105,8 @@ class StructuredLinear(nn.Module):
         """An equivalent dense ``nn.Linear``."""
         return linear_from(self.weight_product(), self.bias)
 
-    def structure(self) -> dict:
-        """What ``rankcut.json`` records to rebuild this layer."""
-        return {
-            "type": type(self).__name__,
-            "in_features": self.in_features,
-            "out_features": self.out_features,
-            "rank": self.rank,
-            "bias": self.bias is not None,
-            **self._structure(),
-        }
+    def has_bias(self) -> bool:
+        return self.bias is not None
 
     def extra_repr(self) -> str:
         fields = ", ".join(f"{k}={v}" for k, v in self._structure().items())
