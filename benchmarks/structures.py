@@ -237,6 +237,8 @@ def run_ppl(args) -> None:
 
     results = load_results().get("perplexity", {"rows": []})
     rows = {(r["method"], r["ratio"]): r for r in results["rows"]}
+    earlier = results.get("commands", [results["command"]] if "command" in results else [])
+    commands = [c for c in earlier if c != command_line()] + [command_line()]
     torch.manual_seed(0)
     tok = rankcut.load_tokenizer(args.model)
     dense = rankcut.load(args.model)
@@ -255,7 +257,7 @@ def run_ppl(args) -> None:
         store(
             "perplexity",
             {
-                "command": command_line(),
+                "commands": commands,
                 "calib": args.calib,
                 "pipeline": args.pipeline,
                 "samples": args.samples,
