@@ -341,6 +341,21 @@ def error_table(data: dict) -> list[str]:
             wins += sum(r["rel_error"] < ref[(r["module"], f)] - 1e-12 for r in sel)
             total += len(sel)
         out.append(f"| {v} | " + " | ".join(cells) + f" | {wins}/{total} |")
+    out += [
+        "",
+        "Mean over the matrices of each structure's error divided by `svd-llm`'s on the same "
+        "matrix and budget (below 1: better than `svd-llm`):",
+        "",
+        "| structure | " + " | ".join(f"{f * 100:g}%" for f in fractions) + " |",
+        "|---|" + "---|" * len(fractions),
+    ]
+    for v in variants:
+        cells = []
+        for f in fractions:
+            sel = [r for r in rows if r["variant"] == v and r["fraction"] == f]
+            ratios = [r["rel_error"] / ref[(r["module"], f)] for r in sel]
+            cells.append(f"{statistics.mean(ratios):.2f}" if ratios else "-")
+        out.append(f"| {v} | " + " | ".join(cells) + " |")
     out += ["", "Per matrix at 50% (relative whitened error):", ""]
     out.append("| module | shape | " + " | ".join(variants) + " |")
     out.append("|---|---|" + "---|" * len(variants))

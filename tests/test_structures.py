@@ -246,6 +246,33 @@ def test_kronecker_keeps_the_prefix_with_the_lowest_true_error():
     assert k == min(brute, key=brute.get) and err == pytest.approx(brute[k], rel=1e-9)
 
 
+def test_sparse_dense_fit_survives_a_broken_least_squares(monkeypatch):
+    """A non-finite dictionary update stops the alternation; the best finite fit stays."""
+    w, stats = problem(24, 16, seed=8)
+    chol = stats.inputs.cholesky()
+    first = sparse_dense_factors(w, chol, 8, 4, iters=0)
+
+    class Broken:
+        def __init__(self, c, a):
+            self.solution = torch.full((c.shape[1], a.shape[1]), float("nan"), dtype=a.dtype)
+
+    import rankcut.decompose.sparse as sparse
+
+    debias = sparse._debias
+
+    def finite_debias(a_dt, ddt, idx, *args):
+        # on non-finite input LAPACK's LU may raise ("Pivots given to lu_solve ...")
+        assert torch.isfinite(a_dt).all() and torch.isfinite(ddt).all()
+        return debias(a_dt, ddt, idx, *args)
+
+    monkeypatch.setattr(sparse, "_debias", finite_debias)
+    monkeypatch.setattr(torch.linalg, "lstsq", Broken)
+    idx, values, d = sparse_dense_factors(w, chol, 8, 4, iters=3)
+    assert torch.isfinite(values).all() and torch.isfinite(d).all()
+    torch.testing.assert_close(d, first[2])
+    torch.testing.assert_close(values, first[1])
+
+
 @given(st.integers(1, 5000))
 def test_prefix_grid_is_sorted_and_ends_at_the_count(count):
     grid = prefix_grid(count)

@@ -202,6 +202,10 @@ def sparse_dense_factors(
     for _ in range(iters):
         # D step (MOD): least squares given C; lstsq copes with unused atoms.
         d = torch.linalg.lstsq(c, a).solution if m >= k else torch.linalg.pinv(c) @ a
+        if not torch.isfinite(d).all():
+            # A LAPACK least squares that breaks down (seen once, not reproducible, in a
+            # whole-model fit) must not poison the layer: keep the best finite iterate.
+            break
         ddt = d @ d.T
         a_dt = a @ d.T
         # C step: normalized IHT (exact line search on the current support), then LS.
