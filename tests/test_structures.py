@@ -380,3 +380,26 @@ def test_allocators_apply_to_structures(allocation, windows):
     assert result.ranks and set(layers) == set(result.ranks)  # the rest stays dense
     assert all(isinstance(m, SparseLowRankLinear) for m in layers.values())
     assert result.params["targeted_after"] <= 0.6 * result.params["targeted_before"]
+
+
+def test_debias_solves_each_support_and_falls_back_to_least_squares(monkeypatch):
+    import rankcut.decompose.sparse as sparse
+
+    gen = torch.Generator().manual_seed(9)
+    d = torch.randn(6, 10, generator=gen, dtype=torch.float64)
+    a = torch.randn(5, 10, generator=gen, dtype=torch.float64)
+    idx = torch.stack([torch.randperm(6, generator=gen)[:3].sort().values for _ in range(5)])
+    expected = torch.stack(
+        [torch.linalg.lstsq(d[i].T, a[r]).solution for r, i in enumerate(idx)]
+    )  # least squares of each row of A on its own atoms
+    torch.testing.assert_close(sparse._debias(a @ d.T, d @ d.T, idx), expected)
+    chol_ex = torch.linalg.cholesky_ex
+
+    def failing(sub):  # report the second block as not positive definite
+        factor, info = chol_ex(sub)
+        factor, info = factor.clone(), info.clone()
+        factor[1], info[1] = float("nan"), 1
+        return factor, info
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", failing)
+    torch.testing.assert_close(sparse._debias(a @ d.T, d @ d.T, idx), expected)

@@ -141,7 +141,15 @@ def _debias(a_dt: Tensor, ddt: Tensor, idx: Tensor, chunk: int = 64) -> Tensor:
         sel = idx[lo : lo + chunk]
         sub = ddt[sel[:, :, None], sel[:, None, :]] + ridge * eye
         rhs = torch.gather(a_dt[lo : lo + chunk], 1, sel)
-        values[lo : lo + chunk] = torch.linalg.solve(sub, rhs[..., None])[..., 0]
+        # ``sub`` is a ridged Gram: Cholesky, with least squares for the rare block that
+        # is not numerically positive definite. (A batched LU solve here failed inside
+        # MKL, "Pivots given to lu_solve must all be >= 1", on finite input.)
+        factor, info = torch.linalg.cholesky_ex(sub)
+        sol = torch.cholesky_solve(rhs[..., None], factor)[..., 0]
+        bad = info != 0
+        if bad.any():
+            sol[bad] = torch.linalg.lstsq(sub[bad], rhs[bad][..., None]).solution[..., 0]
+        values[lo : lo + chunk] = sol
     return values
 
 
