@@ -65,6 +65,11 @@ def store(section: str, data) -> None:
     JSON.write_text(json.dumps(results, indent=1) + "\n")
 
 
+def recorded_commands(data: dict) -> list[str]:
+    """The commands whose rows a stored section holds (older files kept one ``command``)."""
+    return data.get("commands", [data["command"]] if "command" in data else [])
+
+
 def command_line() -> str:
     return "PYTHONPATH=src .venv/bin/python benchmarks/structures.py " + " ".join(sys.argv[1:])
 
@@ -100,7 +105,7 @@ def run_errors(args) -> None:
         for r in earlier.get("rows", [])
         if same and (r["module"], r["fraction"], r["variant"]) not in redone
     ]
-    commands = [c for c in earlier.get("commands", []) if same and c != command_line()]
+    commands = [c for c in recorded_commands(earlier) if same and c != command_line()]
     for name in names:
         w = dense_weight(modules[name]).detach().to(torch.float64)
         m, n = w.shape
@@ -237,8 +242,7 @@ def run_ppl(args) -> None:
 
     results = load_results().get("perplexity", {"rows": []})
     rows = {(r["method"], r["ratio"]): r for r in results["rows"]}
-    earlier = results.get("commands", [results["command"]] if "command" in results else [])
-    commands = [c for c in earlier if c != command_line()] + [command_line()]
+    commands = [c for c in recorded_commands(results) if c != command_line()] + [command_line()]
     torch.manual_seed(0)
     tok = rankcut.load_tokenizer(args.model)
     dense = rankcut.load(args.model)
@@ -328,19 +332,24 @@ def error_table(data: dict) -> list[str]:
         "|---|" + "---|" * (len(fractions) + 1),
     ]
     ref = {(r["module"], r["fraction"]): r["rel_error"] for r in rows if r["variant"] == "svd-llm"}
+    ratio_rows = []
     for v in variants:
-        cells, wins, total = [], 0, 0
+        cells, ratio_cells, wins, total = [], [], 0, 0
         for f in fractions:
             sel = [r for r in rows if r["variant"] == v and r["fraction"] == f]
             if not sel:
                 cells.append("-")
+                ratio_cells.append("-")
                 continue
+            ratios = [r["rel_error"] / ref[(r["module"], f)] for r in sel]
+            ratio_cells.append(f"{statistics.mean(ratios):.2f}")
             err = statistics.mean(r["rel_error"] for r in sel)
             share = statistics.mean(r["params"] / r["dense"] for r in sel)
             cells.append(f"{err:.4f} / {share:.3f}")
             wins += sum(r["rel_error"] < ref[(r["module"], f)] - 1e-12 for r in sel)
             total += len(sel)
         out.append(f"| {v} | " + " | ".join(cells) + f" | {wins}/{total} |")
+        ratio_rows.append(f"| {v} | " + " | ".join(ratio_cells) + " |")
     out += [
         "",
         "Mean over the matrices of each structure's error divided by `svd-llm`'s on the same "
@@ -348,14 +357,8 @@ def error_table(data: dict) -> list[str]:
         "",
         "| structure | " + " | ".join(f"{f * 100:g}%" for f in fractions) + " |",
         "|---|" + "---|" * len(fractions),
+        *ratio_rows,
     ]
-    for v in variants:
-        cells = []
-        for f in fractions:
-            sel = [r for r in rows if r["variant"] == v and r["fraction"] == f]
-            ratios = [r["rel_error"] / ref[(r["module"], f)] for r in sel]
-            cells.append(f"{statistics.mean(ratios):.2f}" if ratios else "-")
-        out.append(f"| {v} | " + " | ".join(cells) + " |")
     out += ["", "Per matrix at 50% (relative whitened error):", ""]
     out.append("| module | shape | " + " | ".join(variants) + " |")
     out.append("|---|---|" + "---|" * len(variants))
@@ -463,7 +466,7 @@ def write_report() -> None:
             lines += ["not run", ""]
             continue
         data = results[key]
-        commands = data.get("commands", [data.get("command")])
+        commands = recorded_commands(data)
         lines += [
             "Command"
             + ("s" if len(commands) > 1 else "")

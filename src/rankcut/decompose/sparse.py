@@ -211,8 +211,8 @@ def sparse_dense_factors(
         # D step (MOD): least squares given C; lstsq copes with unused atoms.
         d = torch.linalg.lstsq(c, a).solution if m >= k else torch.linalg.pinv(c) @ a
         if not torch.isfinite(d).all():
-            # A LAPACK least squares that breaks down (seen once, not reproducible, in a
-            # whole-model fit) must not poison the layer: keep the best finite iterate.
+            # A least squares that breaks down must not reach ``_debias`` (whose solves
+            # may raise on non-finite input) nor the layer: keep the best finite iterate.
             break
         ddt = d @ d.T
         a_dt = a @ d.T
