@@ -1,5 +1,6 @@
 """Model sources and structure discovery."""
 
+from .kind import is_causal_lm
 from .sources import BUILTIN_MODELS, cache_dir, gguf_to_hf_dir, hf_location, resolve
 from .structure import (
     find_decoder_layers,
@@ -17,6 +18,7 @@ __all__ = [
     "get_parent",
     "gguf_to_hf_dir",
     "hf_location",
+    "is_causal_lm",
     "replace_module",
     "resolve",
     "shared_weights",
