@@ -1,27 +1,23 @@
-"""``compress``: the one verb."""
+"""``compress``: the one verb.
+
+``compress`` plans (``pipelines.plan.make_plan``: targets, statistics, allocation,
+overrides) and hands the plan to the registered pipeline its config names
+(``rankcut.pipelines``). Adding a method, an allocator or a pipeline never edits this file.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import re
 import time
 from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from .calibrate import collect_layer_stats
-from .calibrate.sensitivity import loss_table
-from .decompose import all_finite
-from .errors import RankcutError
-from .evaluate.params import param_summary
-from .layers import dense_shape, dense_weight
-from .methods import MethodConfig, spec_for_config
-from .models import find_targets, shared_weights
-from .pipelines import PIPELINES, resolve_pipeline
-from .rank import ALLOCATORS, AllocationInput, AllocatorSpec, allocate, rank_for_ratio, saves_params
+from .methods import MethodConfig
+from .pipelines.plan import make_plan, select_targets, statistics_needed
+
+__all__ = ["CompressionResult", "collect_statistics", "compress", "statistics_needed"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,71 +49,6 @@ class CompressionResult:
         return "\n".join(lines)
 
 
-def _pattern_rank(name: str, patterns: dict[str, int]) -> int | None:
-    for pattern, rank in patterns.items():
-        if re.search(pattern, name):
-            return rank
-    return None
-
-
-def _stored_weight_params(layer: nn.Module) -> int:
-    """Parameters a factorized layer stores for its weight (indices included, bias not)."""
-    from .layers import StructuredLinear
-
-    # LowRankLinear keeps the bias on its ``up`` factor, structured layers on themselves.
-    bias = layer.bias if isinstance(layer, StructuredLinear) else layer.up.bias
-    return layer.num_params() - (bias.numel() if bias is not None else 0)
-
-
-def _check_finite_weights(modules: dict[str, nn.Module]) -> None:
-    for name, module in modules.items():
-        if not all_finite(dense_weight(module)):
-            raise RankcutError(f"non-finite values in the weight of {name}")
-
-
-def _allocation_needs(allocator: AllocatorSpec, model: nn.Module, calibration) -> frozenset[str]:
-    """Statistics the allocator needs: a Gram for whitened spectra, output Fisher for scores."""
-    if calibration is None or not allocator.needs:
-        return frozenset()
-    needs = {"gram"}
-    can_generate = getattr(model, "can_generate", None)
-    if allocator.name == "global" and callable(can_generate) and can_generate():
-        needs.add("fisher_out")
-    return frozenset(needs)
-
-
-_STAT_FIELDS = {
-    "gram": lambda st: st.inputs is not None and st.inputs.has_gram,
-    "abs_mean": lambda st: st.inputs is not None and st.inputs.abs_sum is not None,
-    "fisher": lambda st: st.fisher_in is not None,
-    "fisher_out": lambda st: st.fisher_out is not None,
-}
-
-
-def statistics_needed(
-    model: nn.Module, config: MethodConfig, calibration: Tensor | None
-) -> frozenset[str]:
-    """What the whole-model calibration pass of ``compress(model, config)`` gathers."""
-    config = _resolved(model, config, calibration)
-    spec = spec_for_config(config)
-    allocator = ALLOCATORS[config.allocation]
-    needs = _allocation_needs(allocator, model, calibration)
-    if "loss_table" in allocator.needs:
-        needs |= spec.needs
-    if config.pipeline == "whole":
-        needs |= spec.needs
-    return frozenset(needs)
-
-
-def _resolved(model: nn.Module, config: MethodConfig, calibration) -> MethodConfig:
-    """``config`` with ``pipeline="auto"`` replaced by the pipeline it stands for."""
-    if config.pipeline != "auto":
-        return config
-    modules = find_targets(model, config.targets, config.exclude)
-    pipeline = resolve_pipeline(model, modules, config.pipeline, calibration)
-    return dataclasses.replace(config, pipeline=pipeline)
-
-
 def collect_statistics(
     model: nn.Module, config: MethodConfig, calibration: Tensor, *, progress: bool = True
 ) -> dict:
@@ -132,126 +63,9 @@ def collect_statistics(
         >>> for ratio in (0.2, 0.4):  # doctest: +SKIP
         ...     compress(copy.deepcopy(dense), SvdLlmConfig(ratio=ratio), calib, stats=stats)
     """
-    modules = find_targets(model, config.targets, config.exclude)
-    tied = set(shared_weights(model, modules))
-    modules = {n: m for n, m in modules.items() if n not in tied}
+    modules, _, _ = select_targets(model, config)
     needs = statistics_needed(model, config, calibration)
     return collect_layer_stats(model, modules, calibration, needs, progress)
-
-
-def _check_given_stats(stats: dict, modules: dict, needs: frozenset[str]) -> None:
-    for name in modules:
-        st = stats.get(name)
-        missing = [k for k in sorted(needs) if st is None or not _STAT_FIELDS[k](st)]
-        if missing:
-            raise RankcutError(
-                f"the given statistics lack {', '.join(missing)} for {name}; "
-                "gather them with collect_statistics(model, config, calibration)"
-            )
-
-
-def _allocation_input(
-    model, modules, shapes, stats, allocator, spec, config, calibration, progress
-):
-    """Spectra (whitened when a Gram is known), loss-weighted scores and loss tables."""
-    inp = AllocationInput(
-        shapes=shapes,
-        ratio=config.ratio,
-        min_rank_fraction=config.min_rank_fraction,
-        options=dict(config.allocation_options),
-        rank_multiple=config.rank_multiple,
-        min_speedup=config.min_speedup,
-    )
-    if not allocator.needs:
-        return inp
-    spectra, scores = {}, {}
-    for name, module in tqdm(modules.items(), desc="spectra", disable=not progress, leave=False):
-        weight = dense_weight(module).detach().to(torch.float64)
-        st = stats.get(name)
-        inputs = st.inputs if st is not None else None
-        if inputs is not None and inputs.has_gram:
-            weight = weight @ inputs.cholesky(getattr(config, "eps", 1e-6), name)
-        if st is not None and st.fisher_out is not None:
-            u, s, _ = torch.linalg.svd(weight, full_matrices=False)
-            # Output error of dropping direction i is s_i^2 along u_i; weigh it by the
-            # loss's (diagonal) Fisher in output space.
-            scores[name] = s**2 * (u**2 * st.fisher_out[:, None]).sum(0)
-            spectra[name] = s
-        else:
-            spectra[name] = torch.linalg.svdvals(weight)
-    inp.spectra = spectra
-    inp.component_scores = scores or None
-    if "loss_table" in allocator.needs:
-        inp.loss_table = _measure_loss_table(
-            model, modules, stats, spec, config, calibration, progress
-        )
-    return inp
-
-
-def _measure_loss_table(model, modules, stats, spec, config, calibration, progress):
-    if calibration is None:
-        raise RankcutError("the sensitivity allocation needs calibration data")
-    opts = config.allocation_options
-    candidates = [float(c) for c in opts.get("candidates", (0.2, 0.4, 0.6, 0.8))]
-    samples = int(opts.get("samples", 4))
-    seq = int(opts.get("seq_len", 256))
-    windows = calibration[:samples, :seq]
-
-    def truncate(name, weight, ratio):
-        m, n = weight.shape
-        rank = rank_for_ratio(m, n, ratio)
-        if rank == 0:
-            return None
-        return spec.approximate(weight, stats[name], rank, config, name)
-
-    return loss_table(model, modules, windows, truncate, candidates, progress=progress)
-
-
-def select_targets(
-    model: nn.Module, config: MethodConfig
-) -> tuple[dict[str, nn.Module], set[str], dict[str, tuple[int, int]]]:
-    """Targets (tied weights removed), the tied names, and ``(out, in)`` shapes.
-
-    Works on a skeleton on the meta device too: only structure is read.
-    """
-    modules = find_targets(model, config.targets, config.exclude)
-    tied = set(shared_weights(model, modules))
-    if tied:
-        logger.warning("tied weights stay dense (factorizing would untie them): %s", sorted(tied))
-    modules = {n: m for n, m in modules.items() if n not in tied}
-    return modules, tied, {name: dense_shape(m) for name, m in modules.items()}
-
-
-def apply_rank_overrides(config, ranks, shapes, tied) -> list[str]:
-    """Apply ``rank_pattern`` to ``ranks`` in place; return the names kept dense."""
-    for name in ranks:
-        override = _pattern_rank(name, config.rank_pattern)
-        if override is not None:
-            ranks[name] = min(override, *shapes[name])
-    return sorted(tied | {n for n, r in ranks.items() if not saves_params(*shapes[n], r)})
-
-
-def param_report(model, before, shapes, tied, final_ranks, stored=None) -> dict[str, int]:
-    """Whole-model and targeted parameter counts before and after (``model`` is after).
-
-    ``stored``: parameters each factorized layer really stores for its weight (structured
-    layers: indices included); by default the low-rank count ``r (m + n)``.
-    """
-    after = param_summary(model)
-    targeted_before = sum(m * n for m, n in shapes.values()) + sum(
-        m * n for m, n in (dense_shape(model.get_submodule(t)) for t in tied)
-    )
-    targeted_after = targeted_before - sum(
-        m * n - (stored[name] if stored else final_ranks[name] * (m + n))
-        for name, (m, n) in shapes.items()
-        if name in final_ranks
-    )
-    return {
-        "model_before": before["params_total"],
-        "model_after": after["params_total"],
-        "targeted_before": targeted_before,
-        "targeted_after": targeted_after,
-    }
 
 
 def compress(
@@ -290,46 +104,16 @@ def compress(
         >>> len(result.ranks)
         14
     """
-    config = _resolved(model, config, calibration)
-    spec = spec_for_config(config)
-    allocator = ALLOCATORS[config.allocation]
     start = time.perf_counter()
-    before = param_summary(model)
-    modules, tied, shapes = select_targets(model, config)
-    _check_finite_weights(modules)
-
-    # Statistics: one whole-model pass serves both the allocation and, for the whole
-    # pipeline, the factorization; the sequential pipeline gathers its own per block.
-    needs = statistics_needed(model, config, calibration)
-    if stats is None:
-        stats = collect_layer_stats(model, modules, calibration, needs, progress) if modules else {}
-    else:
-        _check_given_stats(stats, modules, needs)
-        stats = dict(stats)  # the pipeline releases entries as it goes; keep the caller's
-    phases = {"statistics": time.perf_counter() - start}
-    inp = _allocation_input(
-        model, modules, shapes, stats, allocator, spec, config, calibration, progress
-    )
-    ranks = allocate(config.allocation, inp) if modules else {}
-    phases["allocation"] = time.perf_counter() - start - phases["statistics"]
-    kept = apply_rank_overrides(config, ranks, shapes, tied)
-    todo = {n: m for n, m in modules.items() if n not in kept}
-    if config.pipeline != "whole":
-        stats = None  # free the allocation statistics before the per-block passes
-    else:
-        stats = {n: stats[n] for n in todo} if todo else {}
-    if todo:
-        PIPELINES[config.pipeline](
-            model, todo, ranks, spec, config, calibration, stats=stats, progress=progress
-        )
-
-    final_ranks = {n: ranks[n] for n in todo}
-    stored = {n: _stored_weight_params(model.get_submodule(n)) for n in final_ranks}
-    params = param_report(model, before, shapes, tied, final_ranks, stored)
+    plan = make_plan(model, config, calibration, stats=stats, progress=progress)
+    if plan.todo:
+        plan.pipeline.run(model, plan, calibration, progress=progress)
+    params = plan.param_report(model)
     seconds = time.perf_counter() - start
+    phases = dict(plan.phases)
     phases["factorization"] = seconds - phases["statistics"] - phases["allocation"]
     result = CompressionResult(
-        model, config, final_ranks, kept, params, seconds, extra={"phases": phases}
+        model, plan.config, plan.final_ranks, plan.kept, params, seconds, extra={"phases": phases}
     )
-    model.rankcut_meta = {"method_config": config.to_dict(), "params": params}
+    model.rankcut_meta = {"method_config": plan.config.to_dict(), "params": params}
     return result

@@ -17,7 +17,6 @@ from torch import Tensor, nn
 from ..calibrate import LayerStats
 from ..errors import ConfigError
 
-PIPELINES = ("auto", "whole", "sequential")
 #: Measured on a 2-core CPU with SmolLM2-135M's shapes (benchmarks/rank_multiples.py).
 DEFAULT_RANK_MULTIPLE = 8
 DEFAULT_MIN_SPEEDUP = 1.1
@@ -113,8 +112,12 @@ class MethodConfig:
         self.min_speedup = float(self.min_speedup)
         if not isinstance(self.refit, bool):
             raise ConfigError(f"refit must be true or false, got {self.refit!r}")
-        if self.pipeline not in PIPELINES:
-            raise ConfigError(f"pipeline must be one of {PIPELINES}, got {self.pipeline!r}")
+        from ..pipelines import config_pipelines
+
+        if self.pipeline not in config_pipelines():
+            raise ConfigError(
+                f"pipeline must be one of {config_pipelines()}, got {self.pipeline!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict including the method name and config version."""

@@ -1,111 +1,36 @@
-"""Orchestration: how statistics are gathered and layers replaced.
+"""The sequential pipeline: decoder block by decoder block, with a refit.
 
-``auto`` (the default): ``sequential`` when calibration data is given and every target
-lies in a decoder block, else ``whole`` (``resolve_pipeline``).
-``whole``: one calibration pass over the dense model, then every target is factorized.
-``sequential``: decoder block by decoder block; each block's statistics come from the
-outputs of the already-compressed blocks before it, and with ``refit`` each matrix is
-fitted to reproduce the *dense* block's outputs from the compressed inputs. Only one
-block's activations are held at a time (with ``refit``: two streams, plus the dense
-stream's inputs to each stage of the block being compressed, instead of a dense copy
-of the block).
+Each block's statistics come from the outputs of the already-compressed blocks before
+it, and with ``refit`` each matrix is fitted to reproduce the *dense* block's outputs
+from the compressed inputs. Only one block's activations are held at a time (with
+``refit``: two streams, plus the dense stream's inputs to each stage of the block being
+compressed, instead of a dense copy of the block). ``compress_block`` is shared with the
+streaming pipeline, which loads each block from disk first.
+
+``auto`` (the default ``MethodConfig.pipeline``) is ``sequential`` when calibration data
+is given and every target lies in a decoder block, else ``whole`` (``resolve_pipeline``).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .calibrate import InputStats, LayerStats, collect_layer_stats
-from .calibrate.sequential import capture_block_inputs, module_input, run_block
-from .calibrate.stats import DEFAULT_EPS, add_gram
-from .decompose import all_finite
-from .errors import RankcutError
-from .layers import LowRankLinear, dense_weight
-from .methods import MethodConfig, MethodSpec
-from .models import find_decoder_layers, replace_module
+from ..calibrate import HookManager, InputStats, LayerStats, collect_layer_stats
+from ..calibrate.sequential import capture_block_inputs, module_input, run_block
+from ..calibrate.stats import DEFAULT_EPS, add_gram
+from ..decompose import all_finite
+from ..errors import RankcutError
+from ..layers import dense_weight
+from ..models import find_decoder_layers
+from .common import factorize_into
+from .registry import AUTO, register_pipeline
 
 logger = logging.getLogger(__name__)
-
-
-Pipeline = Callable[..., None]
-PIPELINES: dict[str, Pipeline] = {}
-
-
-def register_pipeline(name: str):
-    def wrap(fn: Pipeline) -> Pipeline:
-        PIPELINES[name] = fn
-        return fn
-
-    return wrap
-
-
-def factorize_into(
-    model: nn.Module,
-    name: str,
-    module: nn.Module,
-    weight: Tensor | Callable[[], Tensor] | None,
-    stats: LayerStats,
-    rank: int,
-    spec: MethodSpec,
-    config: MethodConfig,
-    dist=None,
-    owner: int = 0,
-) -> None:
-    """Factorize ``weight`` (float64 ``(out, in)``) with the method; swap in its layer
-    (a LowRankLinear, or the structured layer a ``build`` method returns).
-
-    ``weight`` may be a callable, evaluated only where it is needed: with ``dist`` (a
-    ``rankcut.distributed.Dist``) only the ``owner`` rank factorizes, and the factors
-    are broadcast to the others (low-rank methods only).
-    """
-    dtype = dense_weight(module).dtype
-    device = dense_weight(module).device
-    bias = module.bias.detach() if module.bias is not None else None
-    if dist is None:
-        if callable(weight):
-            weight = weight()
-        with torch.no_grad():
-            layer = spec.make_layer(weight, stats, rank, config, name, bias=bias, dtype=dtype)
-        if not all(all_finite(p) for p in layer.parameters()):
-            raise RankcutError(f"{spec.name} produced non-finite factors for {name}")
-        replace_module(model, name, layer.to(device))
-        return
-    if spec.build is not None:
-        raise RankcutError(
-            f"distributed compression supports the low-rank methods only, not {spec.name}"
-        )
-    up = down = None
-    if dist.rank == owner:
-        if callable(weight):
-            weight = weight()
-        with torch.no_grad():
-            up, down = spec.factorize(weight, stats, rank, config, name)
-        del weight
-        if not (all_finite(up) and all_finite(down)):
-            raise RankcutError(f"{spec.name} produced non-finite factors for {name}")
-    out_f, in_f = dense_weight(module).shape
-    shapes = [(out_f, rank), (rank, in_f)]
-    up, down = dist.share(
-        [up, down] if up is not None else None, shapes, torch.float64, device, owner
-    )
-    layer = LowRankLinear.from_factors(up, down, bias, dtype=dtype)
-    replace_module(model, name, layer.to(device))
-
-
-@register_pipeline("whole")
-def run_whole(model, todo, ranks, spec, config, calibration, stats=None, progress=True):
-    if stats is None:
-        stats = collect_layer_stats(model, todo, calibration, spec.needs, progress=progress)
-    for name, module in tqdm(todo.items(), desc=spec.name, disable=not progress, leave=False):
-        weight = dense_weight(module).detach().to(torch.float64)
-        factorize_into(model, name, module, weight, stats[name], ranks[name], spec, config)
-        stats[name] = None  # release statistics as soon as they are used
 
 
 def _stages(block: nn.Module, modules: dict[str, nn.Module], first) -> list[list[str]]:
@@ -117,8 +42,6 @@ def _stages(block: nn.Module, modules: dict[str, nn.Module], first) -> list[list
             order.append((name, args[0]))
 
         return hook
-
-    from .calibrate import HookManager
 
     with HookManager() as hooks, torch.no_grad():
         for name, module in modules.items():
@@ -185,8 +108,6 @@ def _dense_pass(block, firsts: dict[str, nn.Module], dense, spill) -> tuple[dict
             captured[name].append(args[0].detach())
 
         return hook
-
-    from .calibrate import HookManager
 
     outputs = []
     with HookManager() as hooks:
@@ -340,8 +261,15 @@ def advance(block, comp):
     return (run_block(block, b) for b in comp)
 
 
-@register_pipeline("sequential")
+@register_pipeline("sequential", summary="block by block on the compressed prefix, refit")
+def _run_planned(model, plan, calibration, *, progress=True) -> None:
+    run_sequential(
+        model, plan.todo, plan.ranks, plan.spec, plan.config, calibration, progress=progress
+    )
+
+
 def run_sequential(model, todo, ranks, spec, config, calibration, stats=None, progress=True):
+    """Compress ``todo`` decoder block by decoder block (see the module docstring)."""
     if calibration is None:
         raise RankcutError("the sequential pipeline needs calibration data")
     blocks = check_sequential(model, todo)
@@ -358,9 +286,6 @@ def run_sequential(model, todo, ranks, spec, config, calibration, stats=None, pr
         if dense_out is not None:
             dense = [b.with_hidden(h) for b, h in zip(dense, dense_out, strict=True)]
         del dense_out
-
-
-AUTO = "auto"
 
 
 def resolve_pipeline(model: nn.Module, todo, pipeline: str, calibration) -> str:
@@ -380,10 +305,3 @@ def resolve_pipeline(model: nn.Module, todo, pipeline: str, calibration) -> str:
     except RankcutError:
         return "whole"
     return "sequential"
-
-
-@register_pipeline(AUTO)
-def run_auto(model, todo, ranks, spec, config, calibration, stats=None, progress=True):
-    """Run the pipeline ``auto`` resolves to (``compress`` resolves it up front)."""
-    name = resolve_pipeline(model, todo, AUTO, calibration)
-    PIPELINES[name](model, todo, ranks, spec, config, calibration, stats=stats, progress=progress)

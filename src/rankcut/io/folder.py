@@ -18,66 +18,23 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .errors import RankcutError
-from .layers import LAYER_TYPES, factorized_modules
-from .models.sources import hf_location, is_rankcut_dir, load_hf_model
-from .models.structure import replace_module
+from ..errors import RankcutError
+from ..layers import LAYER_TYPES, factorized_modules
+from ..models.sources import hf_location, is_rankcut_dir, load_hf_model
+from ..models.structure import replace_module
+from .atomic import atomic_dir, check_output_dir
+from .checkpoint import WEIGHTS_FILE, CheckpointReader
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "rankcut"
 FORMAT_VERSION = 1
 META_FILE = "rankcut.json"
-WEIGHTS_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
-
-
-def check_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Absolute path of ``out`` if a save may write there, else a ``RankcutError``."""
-    out = Path(out).expanduser().resolve()
-    cwd = Path.cwd().resolve()
-    if out == cwd or out in cwd.parents:
-        # The folder is replaced by a rename: it must not be (or hold) the working folder.
-        raise RankcutError(
-            f"output folder {out} is the current folder or holds it; name a subfolder"
-        )
-    if out.exists() and not out.is_dir():
-        raise RankcutError(f"output path exists and is not a folder: {out}")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise RankcutError(f"output folder {out} exists and is not empty (use --overwrite)")
-    return out
-
-
-@contextmanager
-def atomic_dir(out: str | os.PathLike, overwrite: bool = False):
-    """Yield a temporary folder that replaces ``out`` only if the block succeeds.
-
-    Raises:
-        RankcutError: if ``out`` exists, is not empty, and ``overwrite`` is False.
-    """
-    out = check_output_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _dedup_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -134,7 +91,7 @@ def save(
 
 def build_meta(model: nn.Module, tied: dict[str, str], extra: dict | None = None) -> dict:
     """The ``rankcut.json`` object for ``model`` (its parameters may be on meta)."""
-    from . import __version__
+    from .. import __version__
 
     return {
         "format": FORMAT,
@@ -151,23 +108,7 @@ def build_meta(model: nn.Module, tied: dict[str, str], extra: dict | None = None
 
 def _load_weights(folder: Path, device) -> dict[str, torch.Tensor]:
     """The whole state dict from ``model.safetensors`` or from the shards of an index."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    index = folder / INDEX_FILE
-    path = folder / WEIGHTS_FILE
-    files = [path]
-    try:
-        if index.is_file() and not path.is_file():
-            path = index
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = [folder / f for f in sorted(set(weight_map.values()))]
-        state = {}
-        for path in files:
-            state.update(load_file(str(path), device=str(device)))
-    except (OSError, SafetensorError, KeyError, json.JSONDecodeError) as err:
-        raise RankcutError(f"cannot read {path}: {err}") from err
-    return state
+    return CheckpointReader(folder).load_all(device)
 
 
 def read_meta(folder: str | os.PathLike) -> dict:

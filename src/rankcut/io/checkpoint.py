@@ -1,0 +1,185 @@
+"""Reading safetensors checkpoints: whole, or one group of tensors at a time.
+
+``CheckpointReader`` is the one reader of Hugging Face and rankcut safetensors folders
+(``model.safetensors`` or shards listed in ``model.safetensors.index.json``): ``load``
+of a rankcut folder reads everything, the streaming pipeline reads one decoder block
+at a time into a skeleton built on the meta device (``build_skeleton`` and
+``CheckpointLoader``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import RankcutError
+
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def is_safetensors_dir(path: str | os.PathLike) -> bool:
+    """A folder holding ``config.json`` and one safetensors file or a sharded index.
+
+    Example:
+        >>> is_safetensors_dir("/nonexistent")
+        False
+    """
+    p = Path(path)
+    return (p / "config.json").is_file() and (
+        (p / WEIGHTS_FILE).is_file() or (p / INDEX_FILE).is_file()
+    )
+
+
+class CheckpointReader:
+    """Reads named tensors from a safetensors checkpoint, one group at a time.
+
+    Example:
+        >>> reader = CheckpointReader("runs/my-llama")  # doctest: +SKIP
+        >>> reader.load(["lm_head.weight"], torch.float32, "cpu")  # doctest: +SKIP
+    """
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        from safetensors import SafetensorError, safe_open
+
+        self.folder = Path(folder)
+        index = self.folder / INDEX_FILE
+        path = self.folder / WEIGHTS_FILE
+        try:
+            if index.is_file() and not path.is_file():
+                path = index
+                weight_map = json.loads(index.read_text())["weight_map"]
+                self.files = {name: self.folder / f for name, f in weight_map.items()}
+            else:
+                with safe_open(str(path), framework="pt") as f:
+                    self.files = {name: path for name in f.keys()}
+        except (OSError, KeyError, ValueError, TypeError, SafetensorError) as err:
+            raise RankcutError(f"cannot read the safetensors checkpoint {path}: {err}") from err
+
+    def keys(self) -> set[str]:
+        return set(self.files)
+
+    def load(self, names: Iterable[str], dtype: torch.dtype | None, device) -> dict[str, Tensor]:
+        """``{name: tensor}`` on ``device`` (cast to ``dtype`` unless it is ``None``).
+
+        Files are opened lazily, one at a time.
+        """
+        from safetensors import SafetensorError, safe_open
+
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.files[name], []).append(name)
+        out = {}
+        for path, group in by_file.items():
+            try:
+                with safe_open(str(path), framework="pt", device="cpu") as f:
+                    for name in group:
+                        # A copy: a tensor still backed by the file's memory map keeps the
+                        # whole map's touched pages resident until every tensor read from
+                        # it is gone, so releasing one layer would free nothing.
+                        out[name] = f.get_tensor(name).to(dtype=dtype, device=device, copy=True)
+            except (OSError, SafetensorError) as err:
+                raise RankcutError(f"cannot read {path}: {err}") from err
+        return out
+
+    def load_all(self, device) -> dict[str, Tensor]:
+        """Every tensor of the checkpoint, in its stored dtype."""
+        return self.load(sorted(self.files), None, device)
+
+    def fingerprint(self) -> dict:
+        """Path, sizes and modification times of the files: a changed model is noticed."""
+        files = sorted({*self.files.values(), self.folder / "config.json"})
+        return {
+            "folder": str(self.folder.resolve()),
+            "files": {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files},
+        }
+
+
+def tied_map(model: nn.Module) -> dict[str, str]:
+    """``{dropped_name: kept_name}`` for parameters shared under several names."""
+    first: dict[int, str] = {}
+    tied = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            tied[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return tied
+
+
+def swap_parameters(model: nn.Module, new: dict[int, nn.Parameter]) -> None:
+    """Replace parameters (by identity) everywhere in ``model``, so ties survive."""
+    for sub in model.modules():
+        for name, p in list(sub._parameters.items()):
+            if p is not None and id(p) in new:
+                sub._parameters[name] = new[id(p)]
+
+
+def build_skeleton(folder: str | os.PathLike, device) -> nn.Module:
+    """The model of ``folder`` with parameters on meta and real (computed) buffers."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    from ..models.sources import model_class
+
+    config = AutoConfig.from_pretrained(folder)
+    cls = model_class(config)
+    with init_empty_weights(include_buffers=False):
+        if hasattr(cls, "_from_config"):
+            model = cls._from_config(config, dtype=torch.float32)
+        else:  # Auto classes
+            model = cls.from_config(config, dtype=torch.float32)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()  # as from_pretrained does: tied heads share the embedding
+    for sub in model.modules():
+        for name, buf in list(sub._buffers.items()):
+            if buf is not None:
+                sub._buffers[name] = buf.to(device)
+    return model.eval()
+
+
+class CheckpointLoader:
+    """Fills parameters of a meta skeleton from the checkpoint (tied names resolved)."""
+
+    def __init__(self, model: nn.Module, reader: CheckpointReader, device) -> None:
+        self.model, self.reader, self.device = model, reader, device
+        self.tied = tied_map(model)
+        aliases: dict[str, list[str]] = {}
+        for dropped, kept in self.tied.items():
+            aliases.setdefault(kept, [kept]).append(dropped)
+        keys = reader.keys()
+        self.source: dict[str, str] = {}
+        missing = []
+        for name, _ in model.named_parameters():
+            found = next((a for a in aliases.get(name, [name]) if a in keys), None)
+            if found is None:
+                missing.append(name)
+            self.source[name] = found
+        if missing:
+            some = ", ".join(sorted(keys)[:5])
+            raise RankcutError(
+                f"the checkpoint in {reader.folder} lacks tensors the model needs: "
+                f"{missing[:5]} (it holds e.g. {some})"
+            )
+
+    def load_module(self, module_name: str, recurse: bool = True) -> int:
+        """Load a module's parameters into the skeleton; returns the bytes loaded."""
+        module = self.model.get_submodule(module_name) if module_name else self.model
+        prefix = f"{module_name}." if module_name else ""
+        local = {n: p for n, p in module.named_parameters(recurse=recurse)}
+        want = {self.source[prefix + n]: n for n in local}
+        tensors = self.reader.load(list(want), next(iter(local.values())).dtype, self.device)
+        state = {want[k]: v for k, v in tensors.items()}
+        swap_parameters(
+            self.model,
+            {
+                id(p): nn.Parameter(state[n], requires_grad=p.requires_grad)
+                for n, p in local.items()
+            },
+        )
+        return sum(t.numel() * t.element_size() for t in state.values())

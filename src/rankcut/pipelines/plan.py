@@ -1,0 +1,376 @@
+"""The plan: what ``compress`` will do, computed once for every pipeline.
+
+targets -> statistics for the allocation -> allocation (with the speed-aware rounding,
+``rank.budget.speed_round``, inside ``rank.allocate``) -> ``rank_pattern`` overrides ->
+the matrices kept dense. ``compress`` (whole and sequential pipelines) and the streaming
+entry point both call ``make_plan`` and hand the result to a registered pipeline, so the
+ranks of one config never depend on how the model is held. The plan also decides what a
+pipeline cannot do: a pipeline that does not hold the model in memory (streaming) falls
+back from the default allocation to ``uniform`` and refuses the ones that need
+whole-model statistics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ..calibrate import collect_layer_stats
+from ..calibrate.sensitivity import loss_table
+from ..decompose import all_finite
+from ..errors import RankcutError
+from ..evaluate.params import param_summary
+from ..layers import dense_shape, dense_weight
+from ..methods import MethodConfig, MethodSpec, spec_for_config
+from ..models import find_targets, is_causal_lm, shared_weights
+from ..rank import (
+    ALLOCATORS,
+    AllocationInput,
+    AllocatorSpec,
+    allocate,
+    rank_for_ratio,
+    saves_params,
+)
+from .registry import AUTO, PipelineSpec, get_pipeline
+
+logger = logging.getLogger(__name__)
+
+#: The allocation a config gets when none is named (``MethodConfig.allocation``'s default).
+DEFAULT_ALLOCATION = MethodConfig.__dataclass_fields__["allocation"].default
+
+
+@dataclass
+class Plan:
+    """Targets, ranks and statistics of one ``compress``, before any layer changes.
+
+    Attributes:
+        config: the method config with ``pipeline="auto"`` resolved (and, for a pipeline
+            that cannot gather whole-model statistics, the default allocation replaced).
+        spec: the registered method.
+        pipeline: the registered pipeline that executes the plan.
+        modules: targeted dense linears (tied weights removed), by name.
+        tied: targeted names whose weight is shared (kept dense: factorizing would untie).
+        shapes: ``(out, in)`` of every entry of ``modules``.
+        ranks: the allocation, overrides applied (ranks of kept matrices included).
+        kept: names that stay dense (tied, overridden to a rank that saves nothing, or
+            dense by the allocation's choice).
+        todo: the modules to factorize (``modules`` minus ``kept``), in model order.
+        before: whole-model parameter counts before compression.
+        stats: whole-model statistics of ``todo`` for the ``whole`` pipeline, else ``None``.
+        phases: seconds spent on statistics and allocation so far.
+    """
+
+    config: MethodConfig
+    spec: MethodSpec
+    pipeline: PipelineSpec
+    modules: dict[str, nn.Module]
+    tied: set[str]
+    shapes: dict[str, tuple[int, int]]
+    ranks: dict[str, int]
+    kept: list[str]
+    todo: dict[str, nn.Module]
+    before: dict[str, int]
+    stats: dict | None = None
+    phases: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def final_ranks(self) -> dict[str, int]:
+        """Ranks of the matrices that are factorized."""
+        return {n: self.ranks[n] for n in self.todo}
+
+    def param_report(self, model: nn.Module) -> dict[str, int]:
+        """Parameter counts before and after, read from the factorized ``model``."""
+        stored = {n: _weight_params(model.get_submodule(n)) for n in self.todo}
+        return param_report(model, self.before, self.shapes, self.tied, self.final_ranks, stored)
+
+
+def _weight_params(layer: nn.Module) -> int:
+    # TODO(layer contract): layer.weight_params()
+    from ..layers import StructuredLinear
+
+    bias = layer.bias if isinstance(layer, StructuredLinear) else layer.up.bias
+    return layer.num_params() - (bias.numel() if bias is not None else 0)
+
+
+def _pattern_rank(name: str, patterns: dict[str, int]) -> int | None:
+    for pattern, rank in patterns.items():
+        if re.search(pattern, name):
+            return rank
+    return None
+
+
+def check_finite_weights(modules: dict[str, nn.Module]) -> None:
+    """A clear error for a weight holding NaN or infinity (nothing factorizes it)."""
+    for name, module in modules.items():
+        if not all_finite(dense_weight(module)):
+            raise RankcutError(f"non-finite values in the weight of {name}")
+
+
+def _allocation_needs(allocator: AllocatorSpec, model: nn.Module, calibration) -> frozenset[str]:
+    """Statistics the allocator needs: a Gram for whitened spectra, output Fisher for scores."""
+    if calibration is None or not allocator.needs:
+        return frozenset()
+    needs = {"gram"}
+    if allocator.name == "global" and is_causal_lm(model):
+        needs.add("fisher_out")
+    return frozenset(needs)
+
+
+_STAT_FIELDS = {
+    "gram": lambda st: st.inputs is not None and st.inputs.has_gram,
+    "abs_mean": lambda st: st.inputs is not None and st.inputs.abs_sum is not None,
+    "fisher": lambda st: st.fisher_in is not None,
+    "fisher_out": lambda st: st.fisher_out is not None,
+}
+
+
+def resolve_config(model: nn.Module, config: MethodConfig, calibration) -> MethodConfig:
+    """``config`` with ``pipeline="auto"`` replaced by the pipeline it stands for."""
+    if config.pipeline != AUTO:
+        return config
+    from .sequential import resolve_pipeline
+
+    modules = find_targets(model, config.targets, config.exclude)
+    pipeline = resolve_pipeline(model, modules, config.pipeline, calibration)
+    return dataclasses.replace(config, pipeline=pipeline)
+
+
+def statistics_needed(
+    model: nn.Module, config: MethodConfig, calibration: Tensor | None
+) -> frozenset[str]:
+    """What the whole-model calibration pass of ``compress(model, config)`` gathers."""
+    config = resolve_config(model, config, calibration)
+    spec = spec_for_config(config)
+    allocator = ALLOCATORS[config.allocation]
+    needs = _allocation_needs(allocator, model, calibration)
+    if "loss_table" in allocator.needs:
+        needs |= spec.needs
+    if config.pipeline == "whole":
+        needs |= spec.needs
+    return frozenset(needs)
+
+
+def check_given_stats(stats: dict, modules: dict, needs: frozenset[str]) -> None:
+    """Statistics passed to ``compress`` must hold what the plan would have gathered."""
+    for name in modules:
+        st = stats.get(name)
+        missing = [k for k in sorted(needs) if st is None or not _STAT_FIELDS[k](st)]
+        if missing:
+            raise RankcutError(
+                f"the given statistics lack {', '.join(missing)} for {name}; "
+                "gather them with collect_statistics(model, config, calibration)"
+            )
+
+
+def select_targets(
+    model: nn.Module, config: MethodConfig
+) -> tuple[dict[str, nn.Module], set[str], dict[str, tuple[int, int]]]:
+    """Targets (tied weights removed), the tied names, and ``(out, in)`` shapes.
+
+    Works on a skeleton on the meta device too: only structure is read.
+    """
+    modules = find_targets(model, config.targets, config.exclude)
+    tied = set(shared_weights(model, modules))
+    if tied:
+        logger.warning("tied weights stay dense (factorizing would untie them): %s", sorted(tied))
+    modules = {n: m for n, m in modules.items() if n not in tied}
+    return modules, tied, {name: dense_shape(m) for name, m in modules.items()}
+
+
+def apply_rank_overrides(config, ranks, shapes, tied) -> list[str]:
+    """Apply ``rank_pattern`` to ``ranks`` in place; return the names kept dense."""
+    for name in ranks:
+        override = _pattern_rank(name, config.rank_pattern)
+        if override is not None:
+            ranks[name] = min(override, *shapes[name])
+    return sorted(tied | {n for n, r in ranks.items() if not saves_params(*shapes[n], r)})
+
+
+def param_report(model, before, shapes, tied, final_ranks, stored=None) -> dict[str, int]:
+    """Whole-model and targeted parameter counts before and after (``model`` is after).
+
+    ``stored``: parameters each factorized layer really stores for its weight (structured
+    layers: indices included); by default the low-rank count ``r (m + n)``.
+    """
+    after = param_summary(model)
+    targeted_before = sum(m * n for m, n in shapes.values()) + sum(
+        m * n for m, n in (dense_shape(model.get_submodule(t)) for t in tied)
+    )
+    targeted_after = targeted_before - sum(
+        m * n - (stored[name] if stored else final_ranks[name] * (m + n))
+        for name, (m, n) in shapes.items()
+        if name in final_ranks
+    )
+    return {
+        "model_before": before["params_total"],
+        "model_after": after["params_total"],
+        "targeted_before": targeted_before,
+        "targeted_after": targeted_after,
+    }
+
+
+def allocation_input(
+    model, modules, shapes, stats, allocator, spec, config, calibration, progress
+) -> AllocationInput:
+    """Spectra (whitened when a Gram is known), loss-weighted scores and loss tables."""
+    inp = AllocationInput(
+        shapes=shapes,
+        ratio=config.ratio,
+        min_rank_fraction=config.min_rank_fraction,
+        options=dict(config.allocation_options),
+        rank_multiple=config.rank_multiple,
+        min_speedup=config.min_speedup,
+    )
+    if not allocator.needs:
+        return inp
+    spectra, scores = {}, {}
+    for name, module in tqdm(modules.items(), desc="spectra", disable=not progress, leave=False):
+        weight = dense_weight(module).detach().to(torch.float64)
+        st = stats.get(name)
+        inputs = st.inputs if st is not None else None
+        if inputs is not None and inputs.has_gram:
+            weight = weight @ inputs.cholesky(getattr(config, "eps", 1e-6), name)
+        if st is not None and st.fisher_out is not None:
+            u, s, _ = torch.linalg.svd(weight, full_matrices=False)
+            # Output error of dropping direction i is s_i^2 along u_i; weigh it by the
+            # loss's (diagonal) Fisher in output space.
+            scores[name] = s**2 * (u**2 * st.fisher_out[:, None]).sum(0)
+            spectra[name] = s
+        else:
+            spectra[name] = torch.linalg.svdvals(weight)
+    inp.spectra = spectra
+    inp.component_scores = scores or None
+    if "loss_table" in allocator.needs:
+        inp.loss_table = _measure_loss_table(
+            model, modules, stats, spec, config, calibration, progress
+        )
+    return inp
+
+
+def _measure_loss_table(model, modules, stats, spec, config, calibration, progress):
+    if calibration is None:
+        raise RankcutError("the sensitivity allocation needs calibration data")
+    opts = config.allocation_options
+    candidates = [float(c) for c in opts.get("candidates", (0.2, 0.4, 0.6, 0.8))]
+    samples = int(opts.get("samples", 4))
+    seq = int(opts.get("seq_len", 256))
+    windows = calibration[:samples, :seq]
+
+    def truncate(name, weight, ratio):
+        m, n = weight.shape
+        rank = rank_for_ratio(m, n, ratio)
+        if rank == 0:
+            return None
+        return spec.approximate(weight, stats[name], rank, config, name)
+
+    return loss_table(model, modules, windows, truncate, candidates, progress=progress)
+
+
+def _out_of_memory_config(
+    config: MethodConfig, spec: MethodSpec, pipeline: PipelineSpec, allocation_given: bool
+) -> MethodConfig:
+    """What a pipeline that holds one block at a time can run of ``config``, or an error."""
+    if ALLOCATORS[config.allocation].needs:
+        if allocation_given or config.allocation != DEFAULT_ALLOCATION:
+            raise RankcutError(
+                f"{pipeline.name} compression needs ranks before it loads the first layer; "
+                f"allocation {config.allocation!r} needs whole-model spectra or losses. Use "
+                "allocation 'uniform' (with rank_pattern overrides), or load the model in "
+                "memory"
+            )
+        # The default allocation needs whole-model spectra and gradients: fall back to
+        # uniform ranks (a choice the user made explicitly is refused above instead).
+        logger.warning(
+            "%s: allocation %r needs the whole model; using 'uniform' (load the model "
+            "in memory, --in-memory, for %s allocation)",
+            pipeline.name,
+            config.allocation,
+            config.allocation,
+        )
+        config = dataclasses.replace(config, allocation="uniform")
+    if "fisher" in spec.needs:
+        raise RankcutError(
+            f"{spec.name} needs loss gradients through the whole model, which {pipeline.name} "
+            "cannot take; load the model in memory or use another method"
+        )
+    return config
+
+
+def make_plan(
+    model: nn.Module,
+    config: MethodConfig,
+    calibration: Tensor | None = None,
+    *,
+    stats: dict | None = None,
+    progress: bool = True,
+    pipeline: str | None = None,
+    allocation_given: bool = True,
+) -> Plan:
+    """Plan ``compress(model, config, calibration)``: targets, statistics, ranks.
+
+    Args:
+        model: the dense model, or (for a pipeline that is not ``in_memory``) its
+            skeleton on the meta device.
+        config: the method config.
+        calibration: ``(samples, seq_len)`` token ids, or ``None``.
+        stats: statistics from ``collect_statistics`` to reuse instead of gathering.
+        progress: show progress bars.
+        pipeline: the pipeline to plan for; default ``config.pipeline`` (``auto``
+            resolved).
+        allocation_given: whether ``config.allocation`` was chosen by the user; a
+            pipeline that cannot gather whole-model statistics falls back from the
+            default allocation only when it was not.
+
+    Returns:
+        The ``Plan``; nothing in ``model`` has changed.
+
+    Example:
+        >>> plan = make_plan(model, SvdConfig(ratio=0.5, allocation="uniform"))  # doctest: +SKIP
+        >>> plan.final_ranks  # doctest: +SKIP
+    """
+    start = time.perf_counter()
+    spec = spec_for_config(config)
+    if pipeline is None:
+        config = resolve_config(model, config, calibration)
+        pipeline = config.pipeline
+    runner = get_pipeline(pipeline)
+    if not runner.in_memory:
+        config = _out_of_memory_config(config, spec, runner, allocation_given)
+        if calibration is None:
+            raise RankcutError(f"{runner.name} compression needs calibration data")
+    allocator = ALLOCATORS[config.allocation]
+    before = param_summary(model)
+    modules, tied, shapes = select_targets(model, config)
+    if runner.in_memory:
+        check_finite_weights(modules)
+
+    # One whole-model pass serves both the allocation and, for the whole pipeline, the
+    # factorization; the sequential pipelines gather their own statistics per block.
+    needs = statistics_needed(model, config, calibration) if runner.in_memory else frozenset()
+    if stats is None:
+        gather = runner.in_memory and modules
+        stats = collect_layer_stats(model, modules, calibration, needs, progress) if gather else {}
+    else:
+        check_given_stats(stats, modules, needs)
+        stats = dict(stats)  # the pipeline releases entries as it goes; keep the caller's
+    phases = {"statistics": time.perf_counter() - start}
+    inp = allocation_input(
+        model, modules, shapes, stats, allocator, spec, config, calibration, progress
+    )
+    ranks = allocate(config.allocation, inp) if modules else {}
+    phases["allocation"] = time.perf_counter() - start - phases["statistics"]
+    kept = apply_rank_overrides(config, ranks, shapes, tied)
+    todo = {n: m for n, m in modules.items() if n not in kept}
+    # Only the whole pipeline factorizes from the whole-model statistics; free them
+    # otherwise before the per-block passes.
+    stats = {n: stats[n] for n in todo} if pipeline == "whole" else None
+    return Plan(
+        config, spec, runner, modules, tied, shapes, ranks, kept, todo, before, stats, phases
+    )
