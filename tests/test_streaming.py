@@ -265,3 +265,36 @@ def test_spilled_tensors_round_trip_and_clear(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(in_memory, tensors, strict=True))
     kept.clear()
     assert len(kept) == 0 and not list((tmp_path / "s").glob("*"))
+
+
+def test_streaming_equals_in_memory_where_rank_multiple_applies(tmp_path):
+    """Ranks above 4 x rank_multiple are rounded by the plan: streamed and in-memory
+    compression must round them alike (they once differed: 68 vs 64 for k/v)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=300,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "ckpt")
+    x = torch.randint(3, 300, (4, 32), generator=torch.Generator().manual_seed(1))
+    config = SvdLlmConfig(ratio=0.2, pipeline="sequential", allocation="uniform")
+    ref = rankcut.load(tmp_path / "ckpt")
+    result = rankcut.compress(ref, config, x, progress=False)
+    rankcut.save(ref, tmp_path / "mem", extra={"ranks": result.ranks})
+    meta = stream_compress(tmp_path / "ckpt", config, x, tmp_path / "out", progress=False)
+
+    assert meta["ranks"] == result.ranks
+    assert min(result.ranks.values()) > 32 and all(r % 8 == 0 for r in result.ranks.values())
+    mem_meta = json.loads((tmp_path / "mem" / "rankcut.json").read_text())
+    only_streamed = {"streaming", "kept_dense", "compression_seconds"}
+    assert {k: v for k, v in meta.items() if k not in only_streamed} == mem_meta
+    assert meta["kept_dense"] == result.kept_dense
+    got = rankcut.load(tmp_path / "out")
+    with torch.no_grad():
+        torch.testing.assert_close(got(input_ids=x).logits, ref(input_ids=x).logits)
