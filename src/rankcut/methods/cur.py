@@ -8,7 +8,7 @@ from ..decompose.cur import cur_decomposition
 from ..errors import ConfigError
 from ..layers import CURLinear
 from .base import register_structure
-from .structured import WhitenedConfig, largest_fitting, weight_budget, whitening
+from .common import WhitenedConfig, largest_fitting, weight_budget, whitening
 
 
 @dataclass

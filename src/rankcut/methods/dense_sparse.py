@@ -9,7 +9,7 @@ from ..decompose.sparse import sparse_dense_factors
 from ..errors import ConfigError
 from ..layers import SparseDenseLinear
 from .base import register_structure
-from .structured import AlternatingConfig, largest_fitting, weight_budget, whitening
+from .common import AlternatingConfig, largest_fitting, weight_budget, whitening
 
 
 @dataclass

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from ..errors import ConfigError
 from .base import register_structure
 from .dense_sparse import fit_row_sparse
-from .structured import AlternatingConfig, whitening
+from .common import AlternatingConfig, whitening
 
 
 @dataclass

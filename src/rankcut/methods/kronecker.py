@@ -20,7 +20,7 @@ from ..decompose.kronecker import (
 from ..errors import ConfigError
 from ..layers import KroneckerLinear
 from .base import register_structure
-from .structured import WhitenedConfig, weight_budget, whitening
+from .common import WhitenedConfig, weight_budget, whitening
 
 TERM_RULES = ("budget", "energy", "elbow")
 WHITEN = ("auto", "kron", "none")

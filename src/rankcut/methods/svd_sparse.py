@@ -8,7 +8,7 @@ from ..decompose.sparse import sparse_plus_lowrank
 from ..errors import ConfigError
 from ..layers import SparseLowRankLinear
 from .base import register_structure
-from .structured import WhitenedConfig, largest_fitting, weight_budget, whitening
+from .common import WhitenedConfig, largest_fitting, weight_budget, whitening
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Shared pieces of the structured methods (``cur``, ``kronecker``, ``svd-sparse``,
+"""Not a method: what the structured methods (``cur``, ``kronecker``, ``svd-sparse``,
 ``dense-sparse``, ``dictionary``): the whitening config and the budget search.
 
 Budget: the allocator's rank ``r`` for an ``m x n`` matrix is a budget of ``r (m + n)``
