@@ -1,5 +1,5 @@
 """Not a method: what the structured methods (``cur``, ``kronecker``, ``svd-sparse``,
-``dense-sparse``, ``dictionary``): the whitening config and the budget search.
+``dense-sparse``, ``dictionary``) share: the whitening config and the budget search.
 
 Budget: the allocator's rank ``r`` for an ``m x n`` matrix is a budget of ``r (m + n)``
 stored parameters (index storage included, see ``rankcut.layers.structured``); each
