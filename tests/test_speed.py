@@ -23,6 +23,8 @@ from rankcut.rank import AllocationInput, allocate, budget, total_cost
 from rankcut.rank.budget import fast_rank_cap, round_rank, speed_round
 
 from .conftest import tiny_llama
+from .layer_zoo import LAYER_NAMES, compressed_llama
+from .macs_count import count_macs
 
 FAST = SpeedSettings(prompt=16, new_tokens=3, repeats=2, warmup=1, linear_repeats=2)
 
@@ -175,5 +177,30 @@ def test_config_rank_multiple_reaches_compress():
 
 
 def test_lowrank_decode_is_two_products():
+    """One token: two matrix-vector products with the thin factors; a batch: two thin
+    matrix products. Rebuilding ``up @ down`` (a ``(6, 2) @ (2, 8)`` product) fails it."""
     layer = LowRankLinear(8, 6, 2)
     assert layer.num_params() == 2 * 14 + 6
+    one = count_macs(layer, torch.randn(1, 1, 8))
+    assert one.products == [("mv", [(2, 8), (8,)]), ("mv", [(6, 2), (2,)])]
+    batch = count_macs(layer, torch.randn(3, 8))
+    assert batch.products == [("mm", [(3, 8), (8, 2)]), ("addmm", [(6,), (3, 2), (2, 6)])]
+    assert (one.macs, batch.macs) == (layer.macs(1), layer.macs(3)) == (28, 84)
+
+
+@pytest.mark.parametrize("name", LAYER_NAMES)
+@pytest.mark.parametrize("tokens", [1, 64])
+def test_theory_counts_what_the_decoder_linears_execute(name, tokens):
+    """The theory column is each layer's own ``macs``: the multiply-adds that running
+    every decoder linear on ``tokens`` tokens executes, counted from the aten ops."""
+    model = compressed_llama(name)
+    th = theoretical_speedup(model, tokens=tokens)
+    executed = dense = 0
+    for module in decoder_linears(model).values():
+        n = module.in_features
+        executed += count_macs(module, torch.randn(1, tokens, n)).macs
+        dense += tokens * module.out_features * n
+    assert th["tokens"] == tokens
+    assert th["linears_macs_per_token"] * tokens == pytest.approx(executed, rel=1e-12)
+    assert th["linears_dense_macs_per_token"] * tokens == dense
+    assert th["linears"] == pytest.approx(dense / executed)

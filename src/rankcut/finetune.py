@@ -1,13 +1,17 @@
-"""Recovery fine-tuning: train only the low-rank factors for a bounded number of steps.
+"""Recovery fine-tuning: train only the factors of the factorized layers for a bounded
+number of steps.
 
 The loss mixes next-token cross-entropy on calibration text with knowledge distillation
 from the dense model (KL divergence to its next-token distribution); distillation
 recovers the dense model's behaviour rather than fitting the calibration domain.
-Everything except the factors stays frozen.
+Everything except the factors stays frozen. What a layer trains, and what a LoRA adapter
+may wrap, each layer says itself (``FactorizedLinear.trainable_parameters`` and
+``adapter_targets``): this module never asks a layer's type.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import time
@@ -20,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .data.distill import DistillWindows, sparse_kl
 from .errors import ConfigError, RankcutError
-from .layers import factorized_modules
+from .layers import FactorizedLinear, factorized_modules
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +45,11 @@ class RecoveryConfig:
         grad_clip: gradient-norm clipping.
         checkpointing: gradient checkpointing (less memory, more time).
         lora_rank: 0 trains the factors themselves; ``r > 0`` trains a rank-``r`` LoRA
-            (through peft) on each factor and merges it in at the end, so the saved
-            structure and parameter count do not change.
+            (through peft) on each layer's adapter targets (a ``LowRankLinear``'s two
+            factors) and merges it in at the end, so the saved structure and parameter
+            count do not change. Layers without adapter targets (the structured ones,
+            whose factors are plain parameters) then train their factors directly, as
+            with 0; a model where no layer has adapter targets is an error.
         lora_alpha: LoRA scaling numerator (default ``2 * lora_rank``).
     """
 
@@ -71,29 +78,74 @@ class RecoveryConfig:
         return asdict(self)
 
 
+def _factorized_layers(model: nn.Module) -> list[tuple[str, FactorizedLinear]]:
+    layers = factorized_modules(model)
+    if not layers:
+        raise RankcutError("the model has no factorized layers to fine-tune")
+    return layers
+
+
 def trainable_factors(model: nn.Module) -> list[nn.Parameter]:
-    """Freeze everything but the factors of the factorized layers; return those."""
+    """Freeze everything but the factorized layers' trainable parameters; return those.
+
+    Raises ``RankcutError`` (and leaves the model as it was) when it has no factorized
+    layers.
+
+    Example:
+        >>> from torch import nn
+        >>> from rankcut.layers import LowRankLinear
+        >>> model = nn.Sequential(nn.Linear(4, 4), LowRankLinear(4, 4, rank=1))
+        >>> [tuple(p.shape) for p in trainable_factors(model)]
+        [(1, 4), (4, 1), (4,)]
+        >>> model[0].weight.requires_grad
+        False
+    """
+    layers = _factorized_layers(model)
     for p in model.parameters():
         p.requires_grad_(False)
-    params = []
-    for _, layer in factorized_modules(model):
-        for p in layer.parameters():
-            p.requires_grad_(True)
-            params.append(p)
-    if not params:
-        raise RankcutError("the model has no factorized layers to fine-tune")
+    params = [p for _, layer in layers for p in layer.trainable_parameters()]
+    for p in params:
+        p.requires_grad_(True)
     return params
 
 
-def _add_lora(model: nn.Module, config: RecoveryConfig):
-    """Wrap ``model`` with peft LoRA adapters on every factor; returns the peft model."""
-    try:
-        from peft import LoraConfig, get_peft_model  # optional, loaded only here
-    except ImportError as err:
-        raise RankcutError("LoRA recovery needs peft (pip install 'rankcut[lora]')") from err
-    names = [f"{n}.{part}" for n, _ in factorized_modules(model) for part in ("down", "up")]
+def _lora_plan(
+    model: nn.Module, config: RecoveryConfig
+) -> tuple[list[str], list[FactorizedLinear]]:
+    """``(names, bare)``: the modules LoRA wraps, by qualified name, and the layers that
+    have no adapter targets (they train their factors directly beside the adapters).
+
+    Raises ``RankcutError`` without peft, or when no layer has adapter targets: LoRA
+    would train nothing (and peft would fail with an error about its target matching).
+    """
+    if importlib.util.find_spec("peft") is None:  # optional: imported by _add_lora only
+        raise RankcutError("LoRA recovery needs peft (pip install 'rankcut[lora]')")
+    layers = _factorized_layers(model)
+    names = [f"{n}.{rel}" for n, layer in layers for rel in layer.adapter_targets()]
+    bare = [layer for _, layer in layers if not layer.adapter_targets()]
     if not names:
-        raise RankcutError("the model has no factorized layers to fine-tune")
+        types = ", ".join(sorted({type(layer).__name__ for layer in bare}))
+        raise RankcutError(
+            f"LoRA recovery (lora_rank={config.lora_rank}) needs layers with adapter "
+            f"targets, and {types} layers have none (no sub-module for LoRA to wrap): "
+            "use lora_rank=0 to train the factors directly"
+        )
+    if bare:
+        logger.info(
+            "LoRA on %d factors; %d layers without adapter targets train their factors directly",
+            len(names),
+            len(bare),
+        )
+    return names, bare
+
+
+def _add_lora(
+    model: nn.Module, config: RecoveryConfig, names: list[str], bare: list[FactorizedLinear]
+) -> nn.Module:
+    """Wrap ``model`` with peft LoRA adapters on ``names``; returns the peft model, in
+    which the adapters and the trainable parameters of ``bare`` require gradients."""
+    from peft import LoraConfig, get_peft_model  # checked by _lora_plan
+
     lora = LoraConfig(
         r=config.lora_rank,
         lora_alpha=config.lora_alpha or 2 * config.lora_rank,
@@ -101,7 +153,10 @@ def _add_lora(model: nn.Module, config: RecoveryConfig):
         target_modules=names,
         bias="none",
     )
-    return get_peft_model(model, lora)
+    net = get_peft_model(model, lora)  # freezes all but the adapters
+    for p in (p for layer in bare for p in layer.trainable_parameters()):
+        p.requires_grad_(True)
+    return net
 
 
 def _lr_factor(step: int, config: RecoveryConfig) -> float:
@@ -161,12 +216,14 @@ def recover(
             "stored distillation targets are at temperature 1; use --distill 0 or T=1"
         )
     ids_all = targets.ids if targets is not None else windows
+    # Checked before anything changes: a model that cannot be trained is left untouched.
+    lora = _lora_plan(model, config) if config.lora_rank else None
     flags = {p: p.requires_grad for p in model.parameters()}
     params = trainable_factors(model)
     device = next(model.parameters()).device
     net = model
-    if config.lora_rank:
-        net = _add_lora(model, config).to(device)  # freezes all but the adapters
+    if lora is not None:
+        net = _add_lora(model, config, *lora).to(device)
         params = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config))

@@ -8,8 +8,10 @@
   other on random inputs of the decode shape ``(batch, 1, in)`` and the prefill shape
   ``(batch, prompt, in)``: what factorization can change, without attention, norms,
   embeddings and the LM head.
-- *Theoretical*: multiply-adds per token. A rank-``r`` layer ``m x n`` does
-  ``r (m + n)`` instead of ``m n``.
+- *Theoretical*: multiply-adds of the linears' forward on the decode batch and on the
+  prefill batch, each layer's own count (``FactorizedLinear.macs``: a rank-``r`` layer
+  ``m x n`` does ``r (m + n)`` per token instead of ``m n``; a Kronecker layer that
+  rebuilds its weight for a large batch counts that rebuild).
 
 A model and its baseline are timed alternately (model, baseline, model, ...) in the
 same process and the medians are compared, so that drifts of a shared machine hit both.
@@ -29,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..layers import dense_shape, factorized_modules, is_dense_linear
+from ..layers import FactorizedLinear, dense_shape, factorized_modules, is_dense_linear
 from ..models.structure import find_decoder_layers
 
 
@@ -68,9 +70,6 @@ class SpeedReport:
 
 def decoder_linears(model: nn.Module) -> dict[str, nn.Module]:
     """Linears inside the decoder blocks, factorized or dense, by name (execution order)."""
-    from ..layers import LAYER_TYPES
-
-    types = tuple(LAYER_TYPES.values())
     out: dict[str, nn.Module] = {}
     for block_name, block in find_decoder_layers(model):
         factorized = []
@@ -78,7 +77,7 @@ def decoder_linears(model: nn.Module) -> dict[str, nn.Module]:
             full = f"{block_name}.{name}"
             if any(full.startswith(f + ".") for f in factorized):
                 continue
-            if isinstance(module, types):
+            if isinstance(module, FactorizedLinear):
                 factorized.append(full)
                 out[full] = module
             elif is_dense_linear(module):
@@ -86,49 +85,67 @@ def decoder_linears(model: nn.Module) -> dict[str, nn.Module]:
     return out
 
 
-def module_macs(module: nn.Module) -> tuple[int, int]:
-    """``(macs_now, macs_dense)`` per token of one linear, factorized or dense."""
+def module_macs(module: nn.Module, tokens: int = 1) -> tuple[int, int]:
+    """``(macs_now, macs_dense)`` of one linear's forward on ``tokens`` tokens.
+
+    A factorized layer counts itself (``FactorizedLinear.macs``); a dense one does
+    ``tokens m n``. Bias adds are left out of both.
+
+    Example:
+        >>> from rankcut.layers import LowRankLinear
+        >>> module_macs(LowRankLinear(8, 8, 2))
+        (32, 64)
+        >>> module_macs(LowRankLinear(8, 8, 2), tokens=4)
+        (128, 256)
+    """
     if is_dense_linear(module):
         m, n = dense_shape(module)
-        return m * n, m * n
-    m, n = module.out_features, module.in_features
-    return module.rank * (m + n), m * n
+        return tokens * m * n, tokens * m * n
+    return module.macs(tokens), tokens * module.out_features * module.in_features
 
 
-def theoretical_speedup(model: nn.Module) -> dict[str, float | int]:
-    """Speedups that multiply-adds per token allow (dense / now).
+def theoretical_speedup(model: nn.Module, tokens: int = 1) -> dict[str, float | int]:
+    """Speedups that multiply-adds allow (dense / now) for a forward on ``tokens`` tokens.
 
     ``linears``: the decoder-block linears; ``model``: all linears including the LM head
     (attention scores, norms and embeddings lookups are left out; they are the same in
-    both models).
+    both models). The ``*_macs_per_token`` counts are the forward's multiply-adds
+    divided by ``tokens`` (exact integers at ``tokens=1``; a layer whose cost is not
+    linear in the batch, such as a Kronecker layer rebuilding its weight, makes them
+    fractional).
 
     Example:
         >>> from torch import nn
         >>> from rankcut.layers import LowRankLinear
-        >>> module_macs(LowRankLinear(8, 8, 2))
-        (32, 64)
+        >>> theoretical_speedup(nn.Sequential(LowRankLinear(8, 8, 2)))["model"]
+        2.0
     """
     dec = decoder_linears(model)
     now = dense = 0
     for module in dec.values():
-        a, b = module_macs(module)
+        a, b = module_macs(module, tokens)
         now, dense = now + a, dense + b
-    # Linears outside the blocks (LM head, poolers): the same cost in both models.
+    # Linears outside the blocks (LM head, poolers): usually dense, the same in both
+    # models; one factorized there still counts its own cost against its dense one.
     factor_parents = [n for n, _ in factorized_modules(model)]
-    others = sum(
-        module_macs(module)[0]
-        for name, module in model.named_modules()
-        if is_dense_linear(module)
-        and name not in dec
-        and not any(name.startswith(f + ".") for f in factor_parents)
-    )
+    others = others_dense = 0
+    for name, module in model.named_modules():
+        outside = name not in dec and not any(name.startswith(f + ".") for f in factor_parents)
+        if outside and (is_dense_linear(module) or isinstance(module, FactorizedLinear)):
+            a, b = module_macs(module, tokens)
+            others, others_dense = others + a, others_dense + b
     return {
-        "linears_macs_per_token": now,
-        "linears_dense_macs_per_token": dense,
-        "other_linear_macs_per_token": others,
+        "tokens": tokens,
+        "linears_macs_per_token": _per_token(now, tokens),
+        "linears_dense_macs_per_token": _per_token(dense, tokens),
+        "other_linear_macs_per_token": _per_token(others, tokens),
         "linears": dense / max(now, 1),
-        "model": (dense + others) / max(now + others, 1),
+        "model": (dense + others_dense) / max(now + others, 1),
     }
+
+
+def _per_token(macs: int, tokens: int) -> int | float:
+    return macs // tokens if macs % tokens == 0 else macs / tokens
 
 
 def param_bytes(model: nn.Module) -> tuple[int, int]:
@@ -345,8 +362,9 @@ def compare(
     """Measure ``model`` (and ``baseline``, alternately) and put ratios beside theory.
 
     Returns a JSON-ready dict: ``settings``, ``model`` and ``baseline`` reports (as
-    dicts), ``theoretical`` (from multiply-adds, see ``theoretical_speedup``) and, with
-    a baseline, ``measured`` speedups (baseline seconds / model seconds, medians) for
+    dicts), ``theoretical`` and ``theoretical_prefill`` (from multiply-adds, see
+    ``theoretical_speedup``, for the ``batch`` tokens of a decode step and the
+    ``batch * prompt`` tokens of the prefill) and, with a baseline, ``measured`` speedups (baseline seconds / model seconds, medians) for
     ``prefill``, ``decode``, ``linears_prefill`` and ``linears_decode``, and
     ``measured_best`` (the same from each model's fastest run).
     """
@@ -357,7 +375,8 @@ def compare(
         "settings": asdict(s),
         "threads": torch.get_num_threads(),
         "device": str(_device_of(model)),
-        "theoretical": theoretical_speedup(model),
+        "theoretical": theoretical_speedup(model, tokens=s.batch),
+        "theoretical_prefill": theoretical_speedup(model, tokens=s.batch * s.prompt),
         "model": asdict(reports["model"]),
     }
     if baseline is not None:
@@ -382,6 +401,8 @@ def format_comparison(result: dict) -> str:
     m = result["model"]
     b = result.get("baseline")
     th = result["theoretical"]
+    # Results written before the prefill theory existed: one per-token ratio for both.
+    th_prefill = result.get("theoretical_prefill", th)
     lines = [
         f"batch {s['batch']}, prompt {s['prompt']}, new tokens {s['new_tokens']}, "
         f"{s['repeats']} alternating repeats (medians), device {result['device']}, "
@@ -417,16 +438,18 @@ def format_comparison(result: dict) -> str:
     )
     row("parameter MiB", "param_bytes", lambda v: f"{v / 2**20:,.1f}")
     lines.append(
-        f"theoretical speedup (multiply-adds per token): decoder linears "
-        f"{th['linears']:.3f}x, all linears incl. LM head {th['model']:.3f}x"
+        f"theoretical speedup (multiply-adds): decoder linears prefill "
+        f"{th_prefill['linears']:.3f}x, decode {th['linears']:.3f}x; all linears incl. "
+        f"LM head prefill {th_prefill['model']:.3f}x, decode {th['model']:.3f}x"
     )
     if b:
         best = result["measured_best"]
+        prefill, decode = th_prefill["linears"], th["linears"]
         lines.append(
             "measured / theoretical (decoder linears): prefill "
-            f"{meas['linears_prefill'] / th['linears']:.2f}, decode "
-            f"{meas['linears_decode'] / th['linears']:.2f} (fastest runs: "
-            f"{best['linears_prefill'] / th['linears']:.2f}, "
-            f"{best['linears_decode'] / th['linears']:.2f})"
+            f"{meas['linears_prefill'] / prefill:.2f}, decode "
+            f"{meas['linears_decode'] / decode:.2f} (fastest runs: "
+            f"{best['linears_prefill'] / prefill:.2f}, "
+            f"{best['linears_decode'] / decode:.2f})"
         )
     return "\n".join(lines)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .base import register_layer
 from .structured import StructuredLinear, index_dtype
 
 
+@register_layer
 class CURLinear(StructuredLinear):
     """``y = C (U (R x))``: ``R`` ``(k, in)`` = rows ``row_idx`` of the original weight,
     ``C`` ``(out, c)`` = its columns ``col_idx``, ``U`` ``(c, k)`` the fitted core.
@@ -76,6 +78,12 @@ class CURLinear(StructuredLinear):
 
     def _forward(self, x: Tensor) -> Tensor:
         return x @ self.r.T @ self.u.T @ self.c.T
+
+    def macs(self, tokens: int) -> int:
+        """``tokens (k in + c k + out c)``: ``R``, then ``U``, then ``C`` (``c`` columns,
+        ``k`` rows)."""
+        rows, cols = self.rows, self.columns
+        return tokens * (rows * self.in_features + cols * rows + self.out_features * cols)
 
     def weight_product(self) -> Tensor:
         return self.c @ self.u @ self.r

@@ -5,20 +5,23 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .base import register_layer
 from .structured import StructuredLinear
 
 
+@register_layer
 class KroneckerLinear(StructuredLinear):
     """A sum of ``terms`` Kronecker products, ``A_k`` ``(m1, n1)``, ``B_k`` ``(m2, n2)``.
 
     Forward uses ``(A (x) B) vec(X) = vec(A X B^T)`` with the input reshaped to
     ``(n1, n2)`` (row-major): two batched matmuls, contracting first with whichever
-    factor gives the smaller intermediate: ``K (n1 n2 m2 + m1 n1 m2)`` or
-    ``K (m1 n1 n2 + m1 n2 m2)`` multiply-adds per token (``factored_macs``) instead of
-    ``m n``, which is *more* than dense once ``K`` is in the hundreds. For a batch of
-    ``T`` tokens where ``T factored_macs > K m n + T m n``, building ``W'`` once
-    (``K m n`` multiply-adds, transient, differentiable) and applying it is cheaper, and
-    the forward does that unless ``allow_rebuild`` is False. Stores ``K (m1 n1 + m2 n2)``.
+    factor gives the smaller intermediate (``K m1 n2`` or ``K n1 m2`` values per token):
+    ``K (m1 n1 n2 + m1 n2 m2)`` or ``K (n1 n2 m2 + m1 n1 m2)`` multiply-adds per token
+    (``factored_macs``) instead of ``m n``, which is *more* than dense once ``K`` is in
+    the hundreds. For a batch of ``T`` tokens where ``T factored_macs > K m n + T m n``,
+    building ``W'`` once (``K m n`` multiply-adds, transient, differentiable) and applying
+    it is cheaper, and the forward does that unless ``allow_rebuild`` is False (``macs``
+    counts whichever path a batch takes). Stores ``K (m1 n1 + m2 n2)``.
 
     Example:
         >>> import torch
@@ -73,10 +76,28 @@ class KroneckerLinear(StructuredLinear):
     #: Rebuild ``W'`` for a batch when that takes fewer multiply-adds (see the class doc).
     allow_rebuild: bool = True
 
+    def _a_first(self) -> bool:
+        """The factored forward contracts with ``A`` first (its intermediate is smaller)."""
+        return self.m1 * self.n2 < self.n1 * self.m2
+
     def factored_macs(self) -> int:
-        """Multiply-adds per token of the factored forward (the cheaper contraction order)."""
+        """Multiply-adds per token of the factored forward, in the order it contracts.
+
+        For the factor shapes ``kronecker_shapes`` ranks first on LLM matrices, the
+        smaller intermediate is also the cheaper order; for others it need not be, and
+        this counts the order the forward takes.
+        """
         k, m1, n1, m2, n2 = self.terms, self.m1, self.n1, self.m2, self.n2
-        return k * min(n1 * n2 * m2 + m1 * n1 * m2, m1 * n1 * n2 + m1 * n2 * m2)
+        if self._a_first():
+            return k * (m1 * n1 * n2 + m1 * n2 * m2)
+        return k * (n1 * n2 * m2 + m1 * n1 * m2)
+
+    def macs(self, tokens: int) -> int:
+        """``tokens factored_macs()``, or ``K m n + tokens m n`` where the batch rebuilds ``W'``."""
+        if self.rebuilds_for(tokens):
+            dense = self.out_features * self.in_features
+            return (self.terms + tokens) * dense
+        return tokens * self.factored_macs()
 
     def rebuilds_for(self, tokens: int) -> bool:
         """Whether a batch of ``tokens`` goes through the rebuilt ``W'``."""
@@ -92,7 +113,7 @@ class KroneckerLinear(StructuredLinear):
         lead = x.shape[:-1]
         k, m1, n1, m2, n2 = self.terms, self.m1, self.n1, self.m2, self.n2
         xs = x.reshape(-1, n1, n2)
-        if m1 * n2 < n1 * m2:  # contract with A first: the smaller intermediate
+        if self._a_first():  # contract with A first: the smaller intermediate
             # Z[t, (k, i), q] = sum_j A_k[i, j] X[t, j, q]
             z = self.a.reshape(k * m1, n1) @ xs
             z = z.reshape(-1, k, m1, n2).permute(0, 2, 1, 3).reshape(-1, m1, k * n2)

@@ -7,17 +7,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as _module
 
-from .linear import Rebuildable, dense_weight, linear_from
+from .base import FactorizedLinear, register_layer
+from .linear import dense_weight
 
 
-class LowRankLinear(Rebuildable, nn.Module):
+@register_layer
+class LowRankLinear(FactorizedLinear):
     """A rank-``r`` replacement for a dense ``(out, in)`` linear layer.
 
     Holds ``down`` (``in -> r``, no bias) and ``up`` (``r -> out``, carrying the
     original bias) as ``nn.Linear`` submodules, so adapters (LoRA) and optimizers see
-    ordinary layers. ``forward`` applies the two factors in turn and never rebuilds the
-    dense weight: it costs ``r (in + out)`` multiply-adds per token instead of
-    ``in * out``.
+    ordinary layers (they are its ``adapter_targets``). ``forward`` applies the two
+    factors in turn and never rebuilds the dense weight: it costs ``r (in + out)``
+    multiply-adds per token instead of ``in * out``.
 
     Example:
         >>> import torch
@@ -37,12 +39,7 @@ class LowRankLinear(Rebuildable, nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        if rank < 1:
-            raise ValueError(f"rank must be >= 1, got {rank}")
-        self.in_features = in_features
-        self.out_features = out_features
-        self.rank = rank
+        super().__init__(in_features, out_features, rank)
         self.down = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
         self.up = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
         self._decode_layout()
@@ -102,32 +99,27 @@ class LowRankLinear(Rebuildable, nn.Module):
             return F.linear(F.linear(x, down.weight), up.weight, up.bias)
         return up(down(x))  # wrapped (e.g. a LoRA adapter) or hooked factors
 
+    @property
+    def bias(self) -> Tensor | None:
+        """The bias, held by the ``up`` factor (so ``up`` is an ordinary biased linear)."""
+        return self.up.bias
+
     def weight_product(self) -> Tensor:
         """The dense ``(out, in)`` matrix ``up @ down`` (for analysis, not for forward)."""
         return self.up.weight @ self.down.weight
 
-    def to_linear(self) -> nn.Linear:
-        """An equivalent dense ``nn.Linear``."""
-        return linear_from(self.weight_product(), self.up.bias)
+    def macs(self, tokens: int) -> int:
+        """``tokens r (in + out)``: one product with each factor, at any batch size.
 
-    def num_params(self) -> int:
-        """Parameters stored: ``r (in + out)`` plus the bias."""
-        bias = self.out_features if self.up.bias is not None else 0
-        return self.rank * (self.in_features + self.out_features) + bias
+        Example:
+            >>> LowRankLinear(8, 6, rank=2).macs(tokens=1)
+            28
+        """
+        return tokens * self.rank * (self.in_features + self.out_features)
 
-    def dense_params(self) -> int:
-        """Parameters of the dense layer this one replaces."""
-        bias = self.out_features if self.up.bias is not None else 0
-        return self.in_features * self.out_features + bias
-
-    def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"rank={self.rank}, bias={self.up.bias is not None}"
-        )
-
-    def has_bias(self) -> bool:
-        return self.up.bias is not None
+    def adapter_targets(self) -> dict[str, nn.Module]:
+        """The two factors, ``down`` and ``up``: ordinary ``nn.Linear`` modules."""
+        return {"down": self.down, "up": self.up}
 
 
 def decode_layout(linear: nn.Linear) -> None:

@@ -7,6 +7,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 
+from .base import register_layer
 from .structured import StructuredLinear, index_dtype
 
 # CSR matmul is stable enough for inference and fine-tuning of the values; torch warns
@@ -14,6 +15,7 @@ from .structured import StructuredLinear, index_dtype
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
 
+@register_layer
 class SparseLowRankLinear(StructuredLinear):
     """``y = up(down(x)) + S x`` with ``S`` a CSR matrix of ``nnz`` entries (SLTrain form).
 
@@ -95,10 +97,17 @@ class SparseLowRankLinear(StructuredLinear):
             y = y + sp.reshape(y.shape)
         return y
 
+    def macs(self, tokens: int) -> int:
+        """``tokens (r (in + out) + nnz)``: the two factors, then one multiply-add per
+        stored entry of ``S`` and token (the CSR product touches only those)."""
+        low_rank = self.low_rank * (self.in_features + self.out_features)
+        return tokens * (low_rank + self.nnz)
+
     def weight_product(self) -> Tensor:
         return self.up @ self.down + self.sparse_matrix().to_dense()
 
 
+@register_layer
 class SparseDenseLinear(StructuredLinear):
     """``y = C (D x)``: dense ``D`` ``(k, in)``, row-sparse ``C`` ``(out, k)``.
 
@@ -195,9 +204,19 @@ class SparseDenseLinear(StructuredLinear):
         )
         return c.scatter(1, self.absolute_idx(), self.values)
 
+    def gathers_for(self, tokens: int) -> bool:
+        """Whether a batch of ``tokens`` gathers ``D x`` entries instead of scattering ``C``."""
+        return tokens <= self.gather_max_tokens
+
+    def macs(self, tokens: int) -> int:
+        """``tokens k in`` for ``D x``, then ``tokens out count`` (gathering: only the
+        nonzeros of ``C``) or ``tokens out k`` (one matmul with the scattered ``C``)."""
+        per_output = self.count if self.gathers_for(tokens) else self.k
+        return tokens * (self.k * self.in_features + self.out_features * per_output)
+
     def _forward(self, x: Tensor) -> Tensor:
         z = x @ self.d.T
-        if z.numel() // self.k <= self.gather_max_tokens:
+        if self.gathers_for(z.numel() // self.k):
             return (z[..., self.absolute_idx()] * self.values).sum(-1)
         return z @ self.sparse_factor().T
 

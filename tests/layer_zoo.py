@@ -1,0 +1,111 @@
+"""One example of every registered layer type, built by the method that makes it.
+
+The contract tests parametrize over ``LAYER_NAMES`` (every entry of
+``rankcut.layers.LAYER_TYPES``), so a newly registered layer is tested as soon as a
+method builds it; one that no method builds fails with a message saying so.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+
+import rankcut
+from rankcut.calibrate import InputStats, LayerStats
+from rankcut.layers import LAYER_TYPES, FactorizedLinear, factorized_modules
+from rankcut.methods import METHODS
+
+#: Every registered layer type, by class name.
+LAYER_NAMES = sorted(LAYER_TYPES)
+
+
+def gram_stats(n: int, seed: int = 0) -> LayerStats:
+    """Calibration statistics (a Gram) of ``n`` input channels of unequal scale."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(8 * n, n, generator=gen, dtype=torch.float64)
+    stats = InputStats(n)
+    stats.update(x * torch.linspace(0.3, 3.0, n, dtype=torch.float64))
+    return LayerStats(inputs=stats)
+
+
+def _make(method: str, out_features: int, in_features: int, rank: int, seed: int):
+    spec = METHODS[method]
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(out_features, in_features, generator=gen, dtype=torch.float64)
+    bias = torch.randn(out_features, generator=gen, dtype=torch.float64)
+    config = spec.config_cls(allocation="uniform")
+    stats = gram_stats(in_features, seed)
+    return spec.make_layer(weight, stats, rank, config, "layer", bias=bias, dtype=torch.float64)
+
+
+@functools.cache
+def layer_methods() -> dict[str, str]:
+    """Layer type name -> the first method (by name) that builds it from a Gram alone."""
+    found: dict[str, str] = {}
+    for method in sorted(METHODS):
+        if METHODS[method].needs <= {"gram"}:
+            found.setdefault(type(_make(method, 24, 16, 6, 0)).__name__, method)
+    return found
+
+
+def method_for(name: str) -> str:
+    """The method that builds layer type ``name`` (fails the test when there is none)."""
+    method = layer_methods().get(name)
+    if method is None:
+        pytest.fail(f"no method builds {name} from a Gram: give tests/layer_zoo.py a builder")
+    return method
+
+
+def example_layer(
+    name: str, out_features: int = 24, in_features: int = 16, rank: int = 6, seed: int = 0
+) -> FactorizedLinear:
+    """A float64 layer of type ``name`` with a bias, fitted to a random weight."""
+    layer = _make(method_for(name), out_features, in_features, rank, seed)
+    assert type(layer).__name__ == name
+    return layer
+
+
+#: The smallest Llama of the contract tests: one block, hidden 32, vocabulary 100.
+TINY_LLAMA_32 = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 100,
+}
+
+
+def tiny_llama_32(seed: int = 0):
+    """A ``LlamaForCausalLM`` of ``TINY_LLAMA_32``, in eval mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**TINY_LLAMA_32)).eval()
+
+
+def token_windows(n: int = 4, seq: int = 32, seed: int = 0) -> torch.Tensor:
+    """``(n, seq)`` random token ids of ``tiny_llama_32``'s vocabulary."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 100, (n, seq), generator=gen)
+
+
+@functools.cache
+def _compressed(name: str):
+    model = tiny_llama_32()
+    config = METHODS[method_for(name)].config_cls(
+        ratio=0.5, allocation="uniform", pipeline="whole", rank_multiple=1, min_speedup=1.0
+    )
+    rankcut.compress(model, config, token_windows(), progress=False)
+    return model
+
+
+def compressed_llama(name: str):
+    """A fresh copy of ``tiny_llama_32`` whose linears are layers of type ``name``."""
+    model = copy.deepcopy(_compressed(name))
+    layers = [type(m).__name__ for _, m in factorized_modules(model)]
+    assert layers and set(layers) == {name}, layers
+    return model
