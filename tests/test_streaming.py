@@ -251,22 +251,6 @@ def test_cli_streams_a_safetensors_folder_and_resumes(
     assert rankcut.load_tokenizer(tmp_path / "out") is not None
 
 
-def test_spilled_tensors_round_trip_and_clear(tmp_path):
-    from rankcut.calibrate.sequential import SpilledTensors
-
-    tensors = [torch.randn(3, 4) for _ in range(4)]
-    kept = SpilledTensors(tmp_path / "s", limit_bytes=2 * 3 * 4 * 4)  # two fit in memory
-    in_memory = SpilledTensors()
-    for t in tensors:
-        kept.append(t)
-        in_memory.append(t)
-    assert len(kept) == 4 and len(list((tmp_path / "s").glob("*.safetensors"))) == 2
-    assert all(torch.equal(a, b) for a, b in zip(kept, tensors, strict=True))
-    assert all(torch.equal(a, b) for a, b in zip(in_memory, tensors, strict=True))
-    kept.clear()
-    assert len(kept) == 0 and not list((tmp_path / "s").glob("*"))
-
-
 def test_streaming_equals_in_memory_where_rank_multiple_applies(tmp_path):
     """Ranks above 4 x rank_multiple are rounded by the plan: streamed and in-memory
     compression must round them alike (they once differed: 68 vs 64 for k/v)."""

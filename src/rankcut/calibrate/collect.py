@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from ..errors import RankcutError
 from ..layers import dense_shape
+from ..models.adapter import adapter_for
 from .hooks import HookManager
 from .stats import InputStats, LayerStats
 
@@ -26,7 +27,9 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 def _forward(model: nn.Module, ids: Tensor, **kwargs):
-    return model(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+    # the adapter names the token argument and drops what a non-HF forward does not take
+    inputs = adapter_for(model).inputs(ids, attention_mask=torch.ones_like(ids), **kwargs)
+    return model(**inputs)
 
 
 @torch.no_grad()

@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from ..errors import RankcutError
 from ..layers import dense_weight
+from ..models.adapter import adapter_for
 
 
 @torch.no_grad()
@@ -17,7 +18,8 @@ def mean_loss(model: nn.Module, windows: Tensor) -> float:
     """Mean next-token loss of ``model`` on ``windows`` (one batch)."""
     device = next(model.parameters()).device
     ids = windows.to(device)
-    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids, use_cache=False)
+    mask = torch.ones_like(ids)
+    out = model(**adapter_for(model).inputs(ids, attention_mask=mask, labels=ids, use_cache=False))
     if getattr(out, "loss", None) is None:
         raise RankcutError("sensitivity allocation needs a model with a language-modeling loss")
     return float(out.loss)

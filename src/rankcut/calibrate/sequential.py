@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import RankcutError
+from ..models.adapter import adapter_for
 from .hooks import HookManager
 
 
@@ -52,6 +53,7 @@ def capture_block_inputs(
         captured.append(BlockInputs(hidden, rest, dict(kwargs)))
         raise _Stop
 
+    adapter = adapter_for(model)
     was_training = model.training
     model.eval()
     with HookManager() as hooks:
@@ -59,7 +61,7 @@ def capture_block_inputs(
         for batch in windows.split(batch_size):
             ids = batch.to(device)
             try:
-                model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+                model(**adapter.inputs(ids, attention_mask=torch.ones_like(ids), use_cache=False))
             except _Stop:
                 continue
             raise RankcutError("the first decoder block was never called")

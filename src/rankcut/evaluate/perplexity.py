@@ -18,6 +18,8 @@ from tqdm.auto import tqdm
 
 from ..data import bos_prefix, evaluation_windows
 from ..errors import RankcutError
+from ..models.adapter import adapter_for
+from ..models.kind import is_causal_lm
 
 
 @torch.no_grad()
@@ -29,12 +31,13 @@ def perplexity_of_windows(
     The first ``prefix_len`` positions (a BOS) are context only and never predicted.
     """
     device = next(model.parameters()).device
+    adapter = adapter_for(model)
     was_training = model.training
     model.eval()
     nll, count = 0.0, 0
     for row in tqdm(windows, desc="perplexity", disable=not progress, leave=False):
         ids = row[None].to(device)
-        out = model(input_ids=ids, attention_mask=torch.ones_like(ids))
+        out = model(**adapter.inputs(ids, attention_mask=torch.ones_like(ids)))
         logits = getattr(out, "logits", None)
         if logits is None:
             raise RankcutError("perplexity needs a causal LM (the model returned no logits)")
@@ -68,8 +71,8 @@ def perplexity(
         >>> m = rankcut.load("smollm2-135m"); tok = rankcut.load_tokenizer("smollm2-135m")
         >>> rankcut.evaluate.perplexity(m, tok, "some held-out text ...", tokens=1024)
     """
-    can_generate = getattr(model, "can_generate", None)
-    if callable(can_generate) and not can_generate():
+    # A model that cannot say (not a transformers model) is given the benefit of the doubt.
+    if hasattr(model, "can_generate") and not is_causal_lm(model):
         raise RankcutError(
             f"perplexity needs a causal LM; {type(model).__name__} is not one "
             "(encoders have no next-token predictions)"

@@ -1,5 +1,6 @@
 """Model sources and structure discovery."""
 
+from .adapter import ModelAdapter, adapter_for, register_adapter, unregister_adapter
 from .kind import is_causal_lm
 from .sources import BUILTIN_MODELS, cache_dir, gguf_to_hf_dir, hf_location, resolve
 from .structure import (
@@ -12,6 +13,8 @@ from .structure import (
 
 __all__ = [
     "BUILTIN_MODELS",
+    "ModelAdapter",
+    "adapter_for",
     "cache_dir",
     "find_decoder_layers",
     "find_targets",
@@ -19,7 +22,9 @@ __all__ = [
     "gguf_to_hf_dir",
     "hf_location",
     "is_causal_lm",
+    "register_adapter",
     "replace_module",
     "resolve",
     "shared_weights",
+    "unregister_adapter",
 ]

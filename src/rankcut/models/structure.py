@@ -1,8 +1,9 @@
 """Find decoder layers and target linears from the model's own structure.
 
-No branching on model names: decoder layers are the repeated blocks the model declares
-in ``_no_split_modules`` (Hugging Face's unit for device placement), and failing that
-the longest ``nn.ModuleList`` of same-typed modules.
+No branching on model names: decoder layers are what the model's adapter
+(``adapter.ModelAdapter``) finds, by default the repeated blocks the model declares in
+``_no_split_modules`` (Hugging Face's unit for device placement), and failing that the
+longest ``nn.ModuleList`` of same-typed modules.
 """
 
 from __future__ import annotations
@@ -14,27 +15,20 @@ from torch import nn
 
 from ..errors import RankcutError
 from ..layers import is_dense_linear
+from .adapter import adapter_for
 
 
 def find_decoder_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """``(name, module)`` of each repeated transformer block, in execution order."""
-    declared = set(getattr(model, "_no_split_modules", None) or [])
-    candidates: list[list[tuple[str, nn.Module]]] = []
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList) or len(module) == 0:
-            continue
-        kinds = {type(child).__name__ for child in module}
-        if len(kinds) != 1:
-            continue
-        prefix = f"{name}." if name else ""
-        blocks = [(f"{prefix}{i}", child) for i, child in enumerate(module)]
-        if kinds & declared:
-            return blocks
-        candidates.append(blocks)
-    if not candidates:
-        return []
-    # Fallback: the longest homogeneous ModuleList is the stack of blocks.
-    return max(candidates, key=len)
+    """``(name, module)`` of each repeated transformer block, in execution order, as the
+    model's adapter (``adapter.adapter_for``) finds them.
+
+    Example:
+        >>> import torch
+        >>> stack = torch.nn.Sequential(torch.nn.ModuleList([torch.nn.Linear(2, 2)] * 2))
+        >>> [name for name, _ in find_decoder_layers(stack)]
+        ['0.0', '0.1']
+    """
+    return adapter_for(model).blocks()
 
 
 def _matches(name: str, patterns: Iterable[str]) -> bool:
