@@ -87,16 +87,8 @@ class Plan:
 
     def param_report(self, model: nn.Module) -> dict[str, int]:
         """Parameter counts before and after, read from the factorized ``model``."""
-        stored = {n: _weight_params(model.get_submodule(n)) for n in self.todo}
+        stored = {n: model.get_submodule(n).weight_params() for n in self.todo}
         return param_report(model, self.before, self.shapes, self.tied, self.final_ranks, stored)
-
-
-def _weight_params(layer: nn.Module) -> int:
-    # TODO(layer contract): layer.weight_params()
-    from ..layers import StructuredLinear
-
-    bias = layer.bias if isinstance(layer, StructuredLinear) else layer.up.bias
-    return layer.num_params() - (bias.numel() if bias is not None else 0)
 
 
 def _pattern_rank(name: str, patterns: dict[str, int]) -> int | None:
