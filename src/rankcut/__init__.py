@@ -16,6 +16,8 @@ _LAZY = {
     "compress": ("rankcut.api", "compress"),
     "CompressionResult": ("rankcut.api", "CompressionResult"),
     "collect_statistics": ("rankcut.api", "collect_statistics"),
+    "run": ("rankcut.runner", "run"),
+    "CompressRecipe": ("rankcut.recipe", "CompressRecipe"),
     "save": ("rankcut.io", "save"),
     "load": ("rankcut.io", "load"),
     "load_tokenizer": ("rankcut.io", "load_tokenizer"),
