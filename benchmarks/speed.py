@@ -200,11 +200,14 @@ def render(meta: dict, rows: list[dict], note: str) -> str:
     ]
     for r in rows:
         th = r["theoretical"]
+        # Prefill theory is taken at the prefill's token count (the same per token for
+        # low-rank layers; results written before it existed hold only "theoretical").
+        thp = r.get("theoretical_prefill", th)
         for stat, me in (("median", r["measured"]), ("best", r["measured_best"])):
             lines.append(
                 f"| {r['ratio']} | {stat} | {th['linears']:.3f}x | "
                 f"{me['linears_prefill']:.3f}x | {me['linears_decode']:.3f}x | "
-                f"{me['linears_prefill'] / th['linears']:.2f} | "
+                f"{me['linears_prefill'] / thp['linears']:.2f} | "
                 f"{me['linears_decode'] / th['linears']:.2f} | {th['model']:.3f}x | "
                 f"{me['prefill']:.3f}x | {me['decode']:.3f}x |"
             )

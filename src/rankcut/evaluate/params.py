@@ -21,7 +21,7 @@ def count_params(model: nn.Module) -> int:
 def param_summary(model: nn.Module) -> dict[str, int]:
     """``params_total`` now and ``params_dense_equivalent`` before any factorization."""
     layers = factorized_modules(model)
-    # Index buffers of sparse layers are storage too (see rankcut.layers.structured).
-    total = count_params(model) + sum(getattr(m, "index_params", lambda: 0)() for _, m in layers)
+    # Index buffers of sparse layers are storage too (see rankcut.layers.base).
+    total = count_params(model) + sum(m.index_params() for _, m in layers)
     dense = total + sum(m.dense_params() - m.num_params() for _, m in layers)
     return {"params_total": total, "params_dense_equivalent": dense}

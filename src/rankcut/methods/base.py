@@ -153,8 +153,9 @@ class MethodSpec:
 
     Low-rank methods have ``factorize`` (two factors, held by a ``LowRankLinear``);
     structured methods have ``build`` instead, returning any layer registered in
-    ``rankcut.layers.LAYER_TYPES`` (``structure()``/``from_structure()``,
-    ``num_params()``, ``weight_product()``, ``to_linear()``). For them the ``rank`` an
+    ``rankcut.layers.LAYER_TYPES`` with ``@register_layer`` (a ``FactorizedLinear``:
+    ``structure()``/``from_structure()``, ``num_params()``, ``macs()``, ``weight_product()``,
+    ``to_linear()``, ``adapter_targets()``). For them the ``rank`` an
     allocator gives is a parameter budget of ``rank (out + in)``.
     """
 

@@ -2,7 +2,7 @@
 ``dense-sparse``, ``dictionary``) share: the whitening config and the budget search.
 
 Budget: the allocator's rank ``r`` for an ``m x n`` matrix is a budget of ``r (m + n)``
-stored parameters (index storage included, see ``rankcut.layers.structured``); each
+stored parameters (index storage included, see ``rankcut.layers.base``); each
 method picks the largest structure that fits it. A structure never goes below its
 smallest size (e.g. one Kronecker term), which may exceed a tiny budget: the layer's
 ``num_params()`` and the compression report always give the real count.

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 from ..errors import ConfigError
 from .base import register_structure
-from .dense_sparse import fit_row_sparse
 from .common import AlternatingConfig, whitening
+from .dense_sparse import fit_row_sparse
 
 
 @dataclass
