@@ -71,14 +71,60 @@ def test_whitened_truncation_beats_plain_svd_on_output_error():
         torch.testing.assert_close(white**2, (s[r:] ** 2).sum())
 
 
-def test_whitened_truncation_is_optimal_among_random_rank_r_maps():
-    x = rand(100, 8, seed=5)
-    w = rand(6, 8, seed=6)
-    chol = psd_cholesky(x.T @ x)
-    best = torch.linalg.norm((w - torch.matmul(*whitened_factors(w, chol, 3))) @ x.T)
-    for seed in range(20):
-        a, b = rand(6, 3, seed=100 + seed), rand(3, 8, seed=200 + seed)
-        assert best <= torch.linalg.norm((w - a @ b) @ x.T)
+def correlated_inputs(tokens, n, seed):
+    """Tokens x n inputs with correlated, unequally scaled channels (full column rank)."""
+    mix = rand(n, n, seed=seed + 1) + 2 * torch.eye(n, dtype=torch.float64)
+    return rand(tokens, n, seed=seed) @ mix * torch.logspace(0, 1.5, n, dtype=torch.float64)
+
+
+@pytest.mark.parametrize(
+    ("m", "n", "tokens", "r"), [(6, 8, 100, 3), (12, 16, 200, 5), (16, 10, 60, 4)]
+)
+def test_whitened_truncation_is_the_closed_form_optimum(m, n, tokens, r):
+    """Eckart-Young on the outputs: the rank-r minimizer of ||(W - W') X^T||_F is the
+    projection of W onto the top-r left singular vectors of Y = W X^T, ``W' = U_r U_r^T W``
+    (then ``W' X^T = U_r U_r^T Y`` is the best rank-r approximation of ``Y``, and it is the
+    only minimizer: X has full column rank and s_r > s_r+1). An independent route from
+    ``[W S]_r S^-1``: no Cholesky factor, no whitening."""
+    x = correlated_inputs(tokens, n, seed=5 + m)
+    w = rand(m, n, seed=6 + m)
+    up, down = whitened_factors(w, psd_cholesky(x.T @ x), r)
+    assert up.shape == (m, r) and down.shape == (r, n)
+    u, s, _ = torch.linalg.svd(w @ x.T, full_matrices=False)
+    assert s[r - 1] > 1.01 * s[r]  # the optimum is unique
+    optimum = u[:, :r] @ u[:, :r].T @ w
+    scale = float(torch.linalg.norm(w))
+    torch.testing.assert_close(up @ down, optimum, atol=1e-9 * scale, rtol=0)
+    # Its error is exactly the dropped singular values of the outputs.
+    error = torch.linalg.norm((w - up @ down) @ x.T)
+    torch.testing.assert_close(error, s[r:].pow(2).sum().sqrt(), atol=0, rtol=1e-9)
+    # ...which the plain (unweighted) SVD does not reach on these inputs.
+    plain = torch.linalg.norm((w - torch.matmul(*svd_factors(w, r))) @ x.T)
+    assert plain > 1.01 * error
+
+
+def test_whitened_factors_are_a_local_minimum_of_the_output_error():
+    """At the minimizer the gradient of f(A, B) = ||(W - A B) X^T||_F^2 vanishes, and no
+    small step of the factors along random directions lowers f."""
+    x = correlated_inputs(120, 10, seed=7)
+    w = rand(8, 10, seed=8)
+    up, down = whitened_factors(w, psd_cholesky(x.T @ x), 4)
+
+    def f(a, b):
+        return torch.linalg.norm((w - a @ b) @ x.T) ** 2
+
+    a, b = up.clone().requires_grad_(), down.clone().requires_grad_()
+    value = f(a, b)
+    ga, gb = torch.autograd.grad(value, (a, b))
+    # Relative to the gradient's size at a generic point (the zero-error scale).
+    generic = torch.autograd.grad(f(a * 1.1, b), a)[0]
+    assert float(torch.linalg.norm(ga)) < 1e-9 * float(torch.linalg.norm(generic))
+    assert float(torch.linalg.norm(gb)) < 1e-9 * float(torch.linalg.norm(generic))
+    value = float(value.detach())
+    for seed in range(10):
+        da, db = rand(*up.shape, seed=300 + seed), rand(*down.shape, seed=400 + seed)
+        for t in (1e-2, 1e-3):
+            assert float(f(up + t * da, down + t * db)) >= value * (1 - 1e-12)
 
 
 def test_psd_cholesky_repairs_singular_gram(caplog):

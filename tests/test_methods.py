@@ -6,11 +6,11 @@ import pytest
 import torch
 
 import rankcut
-from rankcut.calibrate import collect_fisher, collect_input_stats
+from rankcut.calibrate import collect_fisher, collect_input_stats, collect_layer_stats
 from rankcut.errors import ConfigError, RankcutError
-from rankcut.layers import LowRankLinear, dense_weight, factorized_modules
+from rankcut.layers import LowRankLinear, StructuredLinear, dense_weight, factorized_modules
 from rankcut.methods import METHODS, FwsvdConfig, MethodConfig, SvdConfig, SvdLlmConfig
-from rankcut.models import find_targets
+from rankcut.models import find_targets, replace_module
 from rankcut.rank import rank_for_ratio
 
 from .conftest import TINY_MODELS, tiny_llama
@@ -60,15 +60,117 @@ def test_data_methods_require_calibration(method):
         rankcut.compress(tiny_llama(), config_for(method), None, progress=False)
 
 
+#: Options that make a structured method exact at its largest size. The sparse codes of
+#: dense-sparse (N of every M) and dictionary (density * k atoms per output) drop
+#: coefficients by design, so only their dense limits (4:4, density 1) can reproduce a
+#: matrix; what their sparse defaults guarantee is tested below.
+EXACT_OPTIONS = {"dense-sparse": {"n_of_m": "4:4"}, "dictionary": {"density": 1.0}}
+
+
+def full_rank(method: str, m: int, n: int) -> int:
+    """Rank (low-rank methods) or budget rank (structured) at which a method is exact.
+
+    Structured layers store more than a rank-min(m, n) product at their largest size
+    (CUR: a k x k core besides k rows and columns; Kronecker: min(m1 n1, m2 n2) terms of
+    m1 n1 + m2 n2 each, at most 2 m n), so they get twice that budget; svd-sparse gets
+    just enough for its low-rank part to reach min(m, n) (its sparse part, a quarter of
+    the budget, could not hold the whole matrix alone).
+    """
+    k = min(m, n)
+    if METHODS[method].build is None:
+        return k
+    if method == "svd-sparse":
+        return math.ceil(k / (1 - METHODS[method].config_cls().sparse_share))
+    return 2 * k
+
+
 @pytest.mark.parametrize("method", ALL_METHODS)
 def test_full_rank_reproduces_model(method, windows):
+    """Every targeted matrix really factorized at full rank, swapped in: same logits."""
+    model = tiny_llama().double()
+    with torch.no_grad():
+        ref = model(input_ids=windows).logits
+    spec = METHODS[method]
+    config = config_for(method, **EXACT_OPTIONS.get(method, {}))
+    targets = find_targets(model)
+    stats = collect_layer_stats(model, targets, windows, spec.needs, progress=False)
+    for name, lin in targets.items():
+        w = dense_weight(lin).detach()
+        rank = full_rank(method, *w.shape)
+        with torch.no_grad():
+            layer = spec.make_layer(w, stats[name], rank, config, name, lin.bias, w.dtype)
+        # Each layer alone reproduces its matrix (float64 factors).
+        product = layer.weight_product().detach()
+        torch.testing.assert_close(product, w, atol=1e-10 * float(w.abs().max()), rtol=0)
+        replace_module(model, name, layer)
+    layers = dict(factorized_modules(model))
+    assert set(layers) == set(targets) and len(layers) == 14
+    expected_type = LowRankLinear if spec.build is None else StructuredLinear
+    assert all(isinstance(layer, expected_type) for layer in layers.values())
+    assert not any(isinstance(model.get_submodule(n), torch.nn.Linear) for n in targets)
+    if spec.build is None:
+        assert all(
+            layer.rank == min(layer.in_features, layer.out_features) for layer in layers.values()
+        )
+    with torch.no_grad():
+        out = model(input_ids=windows).logits
+    # The model is float64 except LlamaRMSNorm, which normalizes in float32.
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["dense-sparse", "dictionary"])
+def test_sparse_codes_at_full_budget(method, windows):
+    """dense-sparse and dictionary with their sparse defaults are not exact at full
+    budget (each output channel combines only ``count`` of the ``k`` atoms), but at the
+    largest size k = min(m, n) their fit is never worse than the exact sparse coding of
+    ``A = W S`` in its orthonormal right-singular basis (keep each row's largest
+    coefficients; for N:M, the largest N of every M), the fit they start from."""
     model = tiny_llama()
-    ref = model(input_ids=windows).logits
-    config = config_for(method, ratio=0.5, rank_pattern={".*": 10_000})
+    spec = METHODS[method]
+    config = config_for(method)
+    name = "model.layers.0.mlp.down_proj"  # 64 x 128: k = 64 atoms
+    lin = model.get_submodule(name)
+    stats = collect_layer_stats(model, {name: lin}, windows, spec.needs, progress=False)[name]
+    w = dense_weight(lin).detach().double()
+    m, n = w.shape
+    layer = spec.make_layer(w, stats, full_rank(method, m, n), config, name)
+    k, count = layer.k, layer.count
+    # Defaults: 2 of every 4 consecutive atoms (2:4), or density 0.5 anywhere in the row.
+    assert k == min(m, n) and count == k // 2
+    sparse = layer.sparse_factor().detach()
+    assert bool(((sparse != 0).sum(1) <= count).all())
+    if method == "dense-sparse":  # N:M: at most 2 nonzeros in each group of 4
+        assert bool(((sparse.reshape(m, k // 4, 4) != 0).sum(-1) <= 2).all())
+    s = torch.linalg.cholesky(stats.inputs.gram)
+    a = w @ s
+    _, _, vh = torch.linalg.svd(a, full_matrices=False)
+    coef = a @ vh.T  # A = coef @ vh exactly (k = rank of A)
+    mag = coef.abs()
+    if method == "dense-sparse":
+        blocks = mag.reshape(m, k // 4, 4)
+        keep = (
+            torch.zeros_like(blocks, dtype=torch.bool)
+            .scatter_(-1, blocks.topk(2, dim=-1).indices, True)
+            .reshape(m, k)
+        )
+    else:
+        keep = torch.zeros_like(mag, dtype=torch.bool).scatter_(1, mag.topk(count, 1).indices, True)
+    start = float((coef[~keep] ** 2).sum())  # ||A - C0 V||^2 of the SVD-initialized fit
+    err = float((((w - layer.weight_product().detach()) @ s) ** 2).sum())
+    assert 0 < err <= start * (1 + 1e-9)
+
+
+def test_full_rank_pattern_keeps_matrices_dense(windows):
+    """A rank_pattern at or above full rank saves no parameters: the matrices stay dense,
+    untouched."""
+    model = tiny_llama()
+    before = {n: dense_weight(m).detach().clone() for n, m in find_targets(model).items()}
+    config = config_for("svd-llm", ratio=0.5, rank_pattern={".*": 10_000})
     result = rankcut.compress(model, config, windows, progress=False)
-    # Full rank never saves parameters: everything stays dense and exact.
-    assert not result.ranks and len(result.kept_dense) == 14
-    torch.testing.assert_close(model(input_ids=windows).logits, ref)
+    assert not result.ranks and sorted(result.kept_dense) == sorted(before)
+    assert not factorized_modules(model)
+    for name, w in before.items():
+        assert torch.equal(dense_weight(model.get_submodule(name)), w)
 
 
 @pytest.mark.parametrize("method", LOW_RANK_METHODS)
@@ -77,8 +179,6 @@ def test_near_full_rank_is_close(method, windows):
     model = tiny_llama()
     name, lin = next(iter(find_targets(model).items()))
     spec = METHODS[method]
-    from rankcut.calibrate import collect_layer_stats
-
     stats = collect_layer_stats(model, {name: lin}, windows, spec.needs, progress=False)[name]
     w = dense_weight(lin).detach().double()
     up, down = spec.factorize(w, stats, min(w.shape), config_for(method), name)

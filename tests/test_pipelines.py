@@ -1,16 +1,18 @@
 """Sequential (block-by-block) pipeline against the whole-model pipeline."""
 
 import copy
+import re
 
 import pytest
 import torch
 
 import rankcut
 from rankcut.errors import ConfigError, RankcutError
-from rankcut.layers import dense_weight, factorized_modules
+from rankcut.layers import LowRankLinear, StructuredLinear, dense_weight, factorized_modules
 from rankcut.methods import METHODS, SvdLlmConfig
 from rankcut.models import find_targets
 from rankcut.pipelines import run_sequential, run_whole
+from rankcut.rank import rank_for_ratio
 
 from .conftest import TINY_MODELS, tiny_llama
 
@@ -97,16 +99,93 @@ def test_refit_beats_plain_sequential():
     assert errors[True] < errors[False]
 
 
+def layer_inputs(model, names, x):
+    """``{name: (tokens, in) float64}``: what each module receives on ``x``."""
+    got = {}
+
+    def hook_for(name):
+        def hook(module, args):
+            got[name] = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+
+        return hook
+
+    hooks = [model.get_submodule(n).register_forward_pre_hook(hook_for(n)) for n in names]
+    with torch.no_grad():
+        model(input_ids=x)
+    for h in hooks:
+        h.remove()
+    return got
+
+
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_sequential_runs_every_method(method):
+    """What the sequential pipeline must do with every method.
+
+    1. Block 0 truncated, block 1 at full rank (``run_sequential``, refit on):
+       - q/k/v of block 0 read the embeddings in both streams, so they must be exactly
+         the method applied to the dense weight with the statistics of those inputs;
+       - block 1 is reached through a compressed block 0, so each of its matrices must
+         be the map that best reproduces the dense outputs from the compressed model's
+         inputs, ``argmin ||X' W^T - X W_dense^T||`` (compared through the outputs:
+         where X' is nearly rank-deficient the map is poorly determined, they are not).
+    2. Through ``compress``: each allocated matrix is replaced by the method's layer at
+       its allocated rank, the matrices kept dense are left untouched.
+    A block skipped, statistics from the dense stream or from part of the data, or the
+    refit left out, each breaks one of these.
+    """
+    from rankcut.calibrate import InputStats, LayerStats, collect_fisher
+
+    from .test_methods import EXACT_OPTIONS, full_rank
+
     x = calib()
-    model = tiny_llama()
-    config = METHODS[method].config_cls(ratio=0.3, pipeline="sequential", refit=True)
+    spec = METHODS[method]
+    kind = LowRankLinear if spec.build is None else StructuredLinear
+    dense = tiny_llama()
+    targets = find_targets(dense)
+
+    model = copy.deepcopy(dense)
+    config = spec.config_cls(pipeline="sequential", refit=True, **EXACT_OPTIONS.get(method, {}))
+    shapes = {n: dense_weight(m).shape for n, m in targets.items()}
+    ranks = {
+        n: full_rank(method, *shape) if ".layers.1." in n else rank_for_ratio(*shape, 0.4)
+        for n, shape in shapes.items()
+    }
+    run_sequential(model, find_targets(model), ranks, spec, config, x, progress=False)
+    layers = dict(factorized_modules(model))
+    assert set(layers) == set(targets)
+    assert all(isinstance(layer, kind) and layer.rank == ranks[n] for n, layer in layers.items())
+
+    xc, xd = layer_inputs(model, targets, x), layer_inputs(dense, targets, x)
+    fisher = collect_fisher(dense, targets, x, progress=False)[0] if "fisher" in spec.needs else {}
+    norm = torch.linalg.norm
+    for name in targets:
+        w = dense_weight(targets[name]).detach().double()
+        got = layers[name].weight_product().detach().double()
+        a, b = xc[name], xd[name] @ w.T  # compressed model's inputs, dense outputs
+        if re.search(r"layers\.0\.self_attn\.[qkv]_proj$", name):
+            torch.testing.assert_close(a, xd[name])
+            inputs = InputStats(a.shape[1], gram=a.T @ a, abs_sum=a.abs().sum(0), tokens=len(a))
+            stats = LayerStats(inputs=inputs, fisher_in=fisher.get(name))
+            expected = spec.approximate(w, stats, ranks[name], config, name).detach()
+            assert norm(a @ (got - expected).T) <= 1e-5 * norm(a @ expected.T), name
+            assert not torch.allclose(got, w, atol=1e-3)  # really truncated
+        elif ".layers.1." in name:
+            assert not torch.allclose(a, xd[name], atol=1e-3)  # the inputs really differ
+            expected = torch.linalg.lstsq(a, b).solution.T
+            # Float32 activations in the pipeline's Gram: ~2e-4 on o_proj (conditioned
+            # ~1e3); a wrong stream, statistic or target is off by 5% or more.
+            assert norm(a @ (got - expected).T) <= 1e-3 * norm(b), name
+
+    model = copy.deepcopy(dense)
+    config = spec.config_cls(ratio=0.3, pipeline="sequential", refit=True)
     result = rankcut.compress(model, config, x, progress=False)
-    # the global allocation keeps some matrices dense: every target is accounted for,
-    # and the method factorized a good share of them
     assert len(result.ranks) + len(result.kept_dense) == 14 and len(result.ranks) >= 7
-    assert torch.isfinite(model(input_ids=x).logits).all()
+    layers = dict(factorized_modules(model))
+    assert set(layers) == set(result.ranks)
+    for name, layer in layers.items():
+        assert isinstance(layer, kind) and layer.rank == result.ranks[name], name
+    for name in result.kept_dense:
+        assert torch.equal(dense_weight(model.get_submodule(name)), dense_weight(targets[name]))
 
 
 @pytest.mark.parametrize("allocation", ["energy", "global", "heavy-tail", "elbow"])
@@ -120,14 +199,56 @@ def test_allocations_in_compress_meet_budget(allocation):
     assert p["targeted_after"] >= 0.6 * p["targeted_before"] - 2 * (64 + 128)
 
 
-def test_sensitivity_allocation_end_to_end():
-    x = calib()
+def sensitive_llama():
+    """A tiny Llama in which two matrices matter far more to the loss than the rest, and
+    calibration windows sampled from it.
+
+    ``o_proj`` of block 1 is scaled by 50, so the attention branch of block 1 dominates
+    the residual stream; any error in it, or in the ``v_proj`` feeding it, moves the
+    logits far more than an error elsewhere (embeddings, tied to the head, are scaled by
+    10 so that the logits are peaked enough for that to matter). The windows are
+    sampled from the model itself, so a change of the model raises the expected loss
+    by KL(p_dense || p_changed) >= 0: large for these two, small for the others.
+    Spectra do not tell them apart: scaling a matrix leaves its relative energy as is.
+    """
     model = tiny_llama()
-    config = SvdLlmConfig(
-        ratio=0.4, allocation="sensitivity", allocation_options={"samples": 2, "seq_len": 16}
-    )
-    result = rankcut.compress(model, config, x, progress=False)
-    assert result.params["targeted_after"] <= 0.6 * result.params["targeted_before"]
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(10.0)
+        model.model.layers[1].self_attn.o_proj.weight.mul_(50.0)
+        ids = torch.randint(3, 400, (6, 1), generator=gen)
+        for _ in range(31):
+            p = model(input_ids=ids).logits[:, -1].softmax(-1)
+            ids = torch.cat([ids, torch.multinomial(p, 1, generator=gen)], 1)
+    return model, ids
+
+
+def test_sensitivity_allocation_end_to_end():
+    """The measured sensitivities steer the ranks: the two sensitive matrices keep more
+    than their uniform rank (or stay dense), and the compressed model's calibration loss
+    rises far less than under uniform ranks at the same budget."""
+    from rankcut.calibrate.sensitivity import mean_loss
+
+    dense, x = sensitive_llama()
+    base = mean_loss(dense, x)
+    losses, results = {}, {}
+    for allocation in ("sensitivity", "uniform"):
+        model = copy.deepcopy(dense)
+        config = SvdLlmConfig(
+            ratio=0.4, allocation=allocation, allocation_options={"samples": 2, "seq_len": 16}
+        )
+        results[allocation] = rankcut.compress(model, config, x, progress=False)
+        losses[allocation] = mean_loss(model, x) - base
+    result = results["sensitivity"]
+    for name in ("model.layers.1.self_attn.v_proj", "model.layers.1.self_attn.o_proj"):
+        uniform = rank_for_ratio(*dense_weight(dense.get_submodule(name)).shape, 0.4)
+        assert results["uniform"].ranks[name] == uniform
+        assert name in result.kept_dense or result.ranks[name] > uniform, name
+    assert losses["uniform"] > 0.02  # uniform ranks truncate the sensitive matrices...
+    assert losses["sensitivity"] < 0.25 * losses["uniform"]  # ...the sensitivity ranks do not
+    p = result.params  # and the budget is met, not undershot
+    assert 0.6 * p["targeted_before"] - 2 * (64 + 128) <= p["targeted_after"]
+    assert p["targeted_after"] <= 0.6 * p["targeted_before"]
 
 
 def test_pipeline_validation():
