@@ -11,15 +11,14 @@ from hypothesis import strategies as st
 
 import rankcut
 from rankcut.data.distill import (
-    MAX_SAMPLING_BATCH,
     DistillWindows,
     sample_distill_windows,
-    sampling_batch,
     sparse_kl,
     teacher_targets,
     top_targets,
 )
-from rankcut.data.generated import recovery_windows, start_tokens
+from rankcut.data.recovery import recovery_windows
+from rankcut.data.sampling import start_tokens
 from rankcut.errors import ConfigError, RankcutError
 from rankcut.finetune import RecoveryConfig, recover
 
@@ -149,10 +148,3 @@ def test_mixed_recovery_spec_gives_text_windows_teacher_targets(tiny_tokenizer, 
     assert isinstance(data, DistillWindows) and data.ids.shape == (5, 16)
     text = teacher_targets(teacher, data.ids[:3], progress=False)
     assert torch.equal(text.top_ids, data.top_ids[:3])
-
-
-def test_sampling_batch_keeps_the_cache_within_budget():
-    model = tiny_llama()  # 2 layers, 2 kv heads of 16 dims, float32: 512 bytes per token
-    assert sampling_batch(model, 100, budget=512 * 100 * 3) == 3
-    assert sampling_batch(model, 100, budget=10) == 1
-    assert sampling_batch(model, 100) == MAX_SAMPLING_BATCH

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rankcut.data.generated import generated_windows, start_tokens, windows_from_spec
+from rankcut.data.generated import generated_windows, windows_from_spec
+from rankcut.data.sampling import start_tokens
 from rankcut.errors import RankcutError
 
 from .conftest import tiny_bert, tiny_llama
