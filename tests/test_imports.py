@@ -132,10 +132,5 @@ def test_no_import_circle_through(package):
         assert find_cycle(graph, through=module) is None, module
 
 
-@pytest.mark.xfail(
-    reason="methods.base -> pipelines -> pipelines.common/plan/streaming -> methods "
-    "(the pipelines split, under way); remove this mark once it is gone",
-    strict=False,
-)
 def test_no_import_circle():
     assert find_cycle(import_graph()) is None

@@ -119,6 +119,14 @@ class MethodConfig:
                 f"pipeline must be one of {config_pipelines()}, got {self.pipeline!r}"
             )
 
+    def spec(self) -> MethodSpec:
+        """The registered method this config belongs to (its math and its needs).
+
+        Orchestration (``rankcut.pipelines``) reaches the method through this, so it
+        never imports the method registry: methods sit below the pipelines that run them.
+        """
+        return spec_for_config(self)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict including the method name and config version."""
         return {"method": self.method, "version": self.version, **dataclasses.asdict(self)}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -11,8 +12,10 @@ from ..calibrate import LayerStats
 from ..decompose import all_finite
 from ..errors import RankcutError
 from ..layers import LowRankLinear, dense_weight
-from ..methods import MethodConfig, MethodSpec
 from ..models import replace_module
+
+if TYPE_CHECKING:
+    from ..methods import MethodConfig, MethodSpec
 
 
 def factorize_into(

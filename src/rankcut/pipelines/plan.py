@@ -17,6 +17,7 @@ import logging
 import re
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -28,7 +29,6 @@ from ..decompose import all_finite
 from ..errors import RankcutError
 from ..evaluate.params import param_summary
 from ..layers import dense_shape, dense_weight
-from ..methods import MethodConfig, MethodSpec, spec_for_config
 from ..models import find_targets, is_causal_lm, shared_weights
 from ..rank import (
     ALLOCATORS,
@@ -40,10 +40,15 @@ from ..rank import (
 )
 from .registry import AUTO, PipelineSpec, get_pipeline
 
+if TYPE_CHECKING:  # types only: the plan reaches a method through ``config.spec()``
+    from ..methods import MethodConfig, MethodSpec
+
 logger = logging.getLogger(__name__)
 
-#: The allocation a config gets when none is named (``MethodConfig.allocation``'s default).
-DEFAULT_ALLOCATION = MethodConfig.__dataclass_fields__["allocation"].default
+
+def _default_allocation(config: MethodConfig) -> str:
+    """The allocation a config of this type gets when none is named."""
+    return type(config).__dataclass_fields__["allocation"].default
 
 
 @dataclass
@@ -139,7 +144,7 @@ def statistics_needed(
 ) -> frozenset[str]:
     """What the whole-model calibration pass of ``compress(model, config)`` gathers."""
     config = resolve_config(model, config, calibration)
-    spec = spec_for_config(config)
+    spec = config.spec()
     allocator = ALLOCATORS[config.allocation]
     needs = _allocation_needs(allocator, model, calibration)
     if "loss_table" in allocator.needs:
@@ -270,7 +275,7 @@ def _out_of_memory_config(
 ) -> MethodConfig:
     """What a pipeline that holds one block at a time can run of ``config``, or an error."""
     if ALLOCATORS[config.allocation].needs:
-        if allocation_given or config.allocation != DEFAULT_ALLOCATION:
+        if allocation_given or config.allocation != _default_allocation(config):
             raise RankcutError(
                 f"{pipeline.name} compression needs ranks before it loads the first layer; "
                 f"allocation {config.allocation!r} needs whole-model spectra or losses. Use "
@@ -328,7 +333,7 @@ def make_plan(
         >>> plan.final_ranks  # doctest: +SKIP
     """
     start = time.perf_counter()
-    spec = spec_for_config(config)
+    spec = config.spec()
     if pipeline is None:
         config = resolve_config(model, config, calibration)
         pipeline = config.pipeline

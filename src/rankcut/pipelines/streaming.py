@@ -36,6 +36,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -56,10 +57,12 @@ from ..io import (
 )
 from ..io.checkpoint import swap_parameters
 from ..layers import LAYER_TYPES, dense_weight, factorized_modules
-from ..methods import MethodConfig
 from ..models.structure import replace_module
 from .plan import check_finite_weights
 from .registry import register_pipeline
+
+if TYPE_CHECKING:
+    from ..methods import MethodConfig
 
 logger = logging.getLogger(__name__)
 
