@@ -29,12 +29,8 @@ import torch
 
 import rankcut
 from rankcut.data import load_text
-from rankcut.data.generated import (
-    RECOVERY_SEQ_LEN,
-    recovery_windows,
-    resolve_recovery_spec,
-    windows_from_spec,
-)
+from rankcut.data.generated import windows_from_spec
+from rankcut.data.recovery import RECOVERY_SEQ_LEN, recovery_windows, resolve_recovery_spec
 from rankcut.evaluate import param_summary, perplexity
 from rankcut.methods import METHODS
 

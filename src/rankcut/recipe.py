@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from .data.generated import RECOVERY_SEQ_LEN, RECOVERY_STEPS
+from .data.recovery import RECOVERY_SEQ_LEN, RECOVERY_STEPS
 from .errors import ConfigError, RankcutError
 
 if TYPE_CHECKING:

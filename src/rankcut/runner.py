@@ -166,8 +166,9 @@ def _run_in_memory(
 ) -> RunResult:
     from . import api, io
     from .data.distill import DistillWindows
-    from .data.generated import recovery_windows, resolve_recovery_spec, resolve_spec
+    from .data.generated import resolve_spec
     from .data.generated import windows_from_spec as calibration_from_spec
+    from .data.recovery import recovery_windows, resolve_recovery_spec
 
     model = io.load(recipe.model, device=device)
     recipe = dataclasses.replace(recipe, calib=resolve_spec(recipe.calib, model), out=str(out))
@@ -287,7 +288,8 @@ def _streams(recipe: CompressRecipe, config: MethodConfig) -> bool:
 
 def _run_streaming(recipe, config, tokenizer, device, out, overwrite, progress) -> RunResult:
     """``run`` for a safetensors folder, layer by layer (see ``rankcut.streaming``)."""
-    from .data.generated import AUTO, AUTO_ENCODER, GENERATED, windows_from_spec
+    from .data.generated import windows_from_spec
+    from .data.spec import AUTO, AUTO_ENCODER, GENERATED
     from .distributed import init_from_env
     from .errors import ConfigError
     from .streaming import stream_compress
@@ -394,7 +396,9 @@ def finetune_folder(
     from . import io
     from .data import load_text
     from .data.distill import DistillWindows
-    from .data.generated import GENERATED, recovery_windows, resolve_recovery_spec, validate_spec
+    from .data.generated import validate_spec
+    from .data.recovery import recovery_windows, resolve_recovery_spec
+    from .data.spec import GENERATED
 
     opts = options or FinetuneOptions()
     recovery_config = opts.recovery_config()  # checked before anything loads

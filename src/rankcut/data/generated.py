@@ -7,8 +7,8 @@ model towards one domain (LLM-QAT's data-free distillation generates its trainin
 this way). Generation is autoregressive, so it costs about ``seq_len`` forward passes of
 ``batch_size`` sequences per batch.
 
-Recovery data moved to ``recovery``, the spec vocabulary to ``spec`` and the sampling
-loop to ``sampling``; the names re-exported here keep old imports working.
+Recovery data lives in ``recovery``, the spec vocabulary in ``spec`` and the one
+sampling loop in ``sampling``.
 """
 
 from __future__ import annotations
@@ -17,8 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import RankcutError
-from .recovery import RECOVERY_SEQ_LEN, RECOVERY_STEPS, recovery_windows, resolve_recovery_spec
-from .sampling import sample, start_tokens
+from .sampling import sample
 from .spec import (
     AUTO,
     AUTO_CAUSAL,
@@ -38,12 +37,6 @@ __all__ = [
     "resolve_spec",
     "validate_spec",
     "windows_from_spec",
-    # re-exported from their new homes, for the imports that still name this module
-    "RECOVERY_SEQ_LEN",
-    "RECOVERY_STEPS",
-    "recovery_windows",
-    "resolve_recovery_spec",
-    "start_tokens",
 ]
 
 
