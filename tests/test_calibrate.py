@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rankcut.calibrate import HookManager, collect_input_stats
+from rankcut.calibrate import HookManager, collect_fisher, collect_input_stats
 from rankcut.calibrate.sensitivity import mean_loss
 from rankcut.calibrate.sequential import SpilledTensors, capture_block_inputs, run_block
+from rankcut.decompose import psd_cholesky
 from rankcut.errors import RankcutError
 from rankcut.models import find_decoder_layers, find_targets, register_adapter, unregister_adapter
 
@@ -87,3 +88,74 @@ def test_mean_loss_needs_a_loss(token_lm_adapter):
     reported as such (not as an unexpected keyword argument)."""
     with pytest.raises(RankcutError, match="language-modeling loss"):
         mean_loss(token_lm(), torch.zeros(1, 8, dtype=torch.long))
+
+
+def test_fisher_matches_autograd_per_sample(windows):
+    model = tiny_llama()
+    name, lin = next(iter(find_targets(model).items()))
+    fisher = collect_fisher(model, {name: lin}, windows[:2], progress=False)[0][name]
+    expected = torch.zeros_like(fisher)
+    for row in windows[:2]:
+        ids = row[None]
+        loss = model(input_ids=ids, labels=ids).loss
+        (g,) = torch.autograd.grad(loss, lin.weight)
+        expected += g.double().pow(2).sum(0)
+    torch.testing.assert_close(fisher, expected)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_shared_inputs_share_one_gram(windows):
+    model = tiny_llama()
+    targets = find_targets(model)
+    stats = collect_input_stats(model, targets, windows, progress=False)
+    layer = "model.layers.0."
+    q, k, v = (stats[f"{layer}self_attn.{p}_proj"] for p in "qkv")
+    gate, up = stats[f"{layer}mlp.gate_proj"], stats[f"{layer}mlp.up_proj"]
+    assert q is k is v and gate is up and q is not gate
+    assert stats[f"{layer}self_attn.o_proj"] is not q
+    assert q.tokens == windows.numel()
+
+
+def test_gram_equals_explicit_inputs(windows):
+    model = tiny_llama()
+    name = "model.layers.1.mlp.down_proj"
+    lin = model.get_submodule(name)
+    seen = []
+    handle = lin.register_forward_hook(lambda m, a, o: seen.append(a[0].detach()))
+    stats = collect_input_stats(model, {name: lin}, windows, progress=False)[name]
+    handle.remove()
+    x = torch.cat([s.reshape(-1, s.shape[-1]) for s in seen]).double()
+    torch.testing.assert_close(stats.gram, x.T @ x, rtol=1e-5, atol=1e-6)
+    assert not lin._forward_hooks
+
+
+def test_hooks_removed_after_error(windows):
+    model = tiny_llama()
+    targets = find_targets(model)
+    with pytest.raises(IndexError):  # token ids beyond the vocabulary fail mid-forward
+        collect_input_stats(model, targets, windows + 10_000, progress=False)
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_cholesky_cache_is_keyed_by_eps():
+    from rankcut.calibrate import InputStats
+
+    stats = InputStats(3)
+    stats.update(torch.tensor([[1.0, 2.0, 3.0], [2.0, 4.0, 6.0]]))  # rank 1: needs repair
+    small, large = stats.cholesky(1e-6), stats.cholesky(1e-1)
+    assert stats.cholesky(1e-6) is small
+    assert not torch.allclose(small, large)
+
+
+def test_released_gram_keeps_its_cholesky_factor():
+    from rankcut.calibrate import InputStats
+    from rankcut.errors import RankcutError
+
+    stats = InputStats(6)
+    stats.update(torch.randn(50, 6))
+    chol = psd_cholesky(stats.gram)
+    stats.release_gram((1e-6,), "demo")
+    assert stats.gram is None and stats.has_gram
+    torch.testing.assert_close(stats.cholesky(1e-6, "demo"), chol)
+    with pytest.raises(RankcutError, match="released"):
+        stats.cholesky(1e-3, "demo")

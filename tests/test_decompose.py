@@ -178,20 +178,6 @@ def test_psd_cholesky_leaves_the_gram_untouched_and_reads_the_lower_triangle():
     torch.testing.assert_close(psd_cholesky(garbage_upper), psd_cholesky(g))
 
 
-def test_released_gram_keeps_its_cholesky_factor():
-    from rankcut.calibrate import InputStats
-    from rankcut.errors import RankcutError
-
-    stats = InputStats(6)
-    stats.update(torch.randn(50, 6))
-    chol = psd_cholesky(stats.gram)
-    stats.release_gram((1e-6,), "demo")
-    assert stats.gram is None and stats.has_gram
-    torch.testing.assert_close(stats.cholesky(1e-6, "demo"), chol)
-    with pytest.raises(RankcutError, match="released"):
-        stats.cholesky(1e-3, "demo")
-
-
 @pytest.mark.parametrize("shape", [(40, 25), (25, 40)])
 @pytest.mark.parametrize("deficient", [False, True])
 def test_truncated_svd_matches_lapack(shape, deficient):

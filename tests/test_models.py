@@ -18,7 +18,7 @@ from rankcut.models import (
     unregister_adapter,
 )
 
-from .conftest import TINY_MODELS
+from .conftest import TINY_MODELS, tiny_llama
 from .custom_lm import TokenLM, TokenLMAdapter, token_lm
 
 EXPECTED = {
@@ -170,3 +170,14 @@ def test_custom_model_is_compressed_end_to_end_through_its_adapter(token_lm_adap
     assert torch.isfinite(logits).all() and not torch.equal(logits, dense_logits)
     # whitened truncation keeps the compressed model near the dense one
     assert (logits - dense_logits).norm() < 0.5 * dense_logits.norm()
+
+
+def test_targets_exclude_and_errors():
+    model = tiny_llama()
+    assert len(find_targets(model)) == 14  # 7 linears x 2 layers; lm_head excluded
+    assert "lm_head" not in find_targets(model)
+    mlp_only = find_targets(model, exclude=["self_attn"])
+    assert len(mlp_only) == 6
+    assert set(find_targets(model, targets=[r"lm_head"])) == {"lm_head"}
+    with pytest.raises(RankcutError, match="q_proj"):
+        find_targets(model, targets=["nothing-matches"])
