@@ -235,6 +235,10 @@ def test_fwsvd_lowers_fisher_weighted_error(windows):
         {"targets": ["("]},
         {"rank_pattern": {"q": -1}},
         {"allocation": "nope"},
+        {"allocation": "uniform", "allocation_options": {"beta_min": 0.1}},
+        {"allocation": "heavy-tail", "allocation_options": {"beta_min": "x"}},
+        {"allocation": "sensitivity", "allocation_options": {"candidates": [1.5]}},
+        {"allocation": "sensitivity", "allocation_options": {"samples": 0}},
     ],
 )
 def test_config_validation(kwargs):

@@ -371,8 +371,9 @@ def test_random_shapes(method, m, n, rank, seed):
 @pytest.mark.parametrize("allocation", ["global", "sensitivity"])
 def test_allocators_apply_to_structures(allocation, windows):
     """The rank an allocator gives is a budget: the global ratio holds for structures."""
+    options = {"samples": 2, "seq_len": 16} if allocation == "sensitivity" else {}
     config = METHODS["svd-sparse"].config_cls(
-        ratio=0.4, allocation=allocation, allocation_options={"samples": 2, "seq_len": 16}
+        ratio=0.4, allocation=allocation, allocation_options=options
     )
     model = tiny_llama()
     result = rankcut.compress(model, config, windows, progress=False)

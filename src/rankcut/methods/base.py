@@ -95,6 +95,7 @@ class MethodConfig:
             raise ConfigError(
                 f"allocation_options must be an object, got {self.allocation_options!r}"
             )
+        ALLOCATORS[self.allocation].check_options(self.allocation_options)
         if not 0.0 <= self.min_rank_fraction <= 1.0:
             raise ConfigError(f"min_rank_fraction must be in [0, 1], got {self.min_rank_fraction}")
         for name in self.positive_fields:

@@ -61,20 +61,90 @@ class AllocationInput:
     min_speedup: float = 1.0
 
 
+#: Option kinds an allocator may declare: a check and what the error says it must be.
+OPTION_KINDS: dict[str, tuple[Callable[[object], bool], str]] = {
+    "number": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+    "count": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "an integer > 0"),
+    "ratios": (
+        lambda v: (
+            isinstance(v, (list, tuple))
+            and len(v) > 0
+            and all(
+                isinstance(c, (int, float)) and not isinstance(c, bool) and 0 < c < 1 for c in v
+            )
+        ),
+        "a non-empty list of ratios in (0, 1)",
+    ),
+}
+
+
 @dataclass(frozen=True)
 class AllocatorSpec:
+    """A registered allocator.
+
+    Attributes:
+        name: what ``MethodConfig.allocation`` calls it.
+        fn: ``fn(AllocationInput) -> {name: rank}``.
+        needs: inputs it reads, a subset of ``{"spectra", "component_scores", "loss_table"}``.
+        summary: one line for listings.
+        options: the ``allocation_options`` it takes, ``{key: kind}`` (``OPTION_KINDS``).
+    """
+
     name: str
     fn: Callable[[AllocationInput], dict[str, int]]
-    needs: frozenset[str]  # subset of {"spectra", "component_scores", "loss_table"}
+    needs: frozenset[str]
     summary: str
+    options: dict[str, str] = field(default_factory=dict)
+
+    def check_options(self, options: dict) -> None:
+        """A one-line ``ConfigError`` for an option this allocator does not take or a
+        value of the wrong kind.
+
+        Example:
+            >>> ALLOCATORS["heavy-tail"].check_options({"beta_min": 0.2})
+            >>> ALLOCATORS["uniform"].check_options({"beta_min": 0.2})
+            Traceback (most recent call last):
+            ...
+            rankcut.errors.ConfigError: allocation 'uniform' takes no option 'beta_min' (valid: none)
+        """
+        for key, value in options.items():
+            if key not in self.options:
+                valid = ", ".join(sorted(self.options)) or "none"
+                raise ConfigError(
+                    f"allocation {self.name!r} takes no option {key!r} (valid: {valid})"
+                )
+            check, what = OPTION_KINDS[self.options[key]]
+            if not check(value):
+                raise ConfigError(f"allocation_options[{key!r}] must be {what}, got {value!r}")
 
 
 ALLOCATORS: dict[str, AllocatorSpec] = {}
 
 
-def register_allocator(name: str, needs: tuple[str, ...] = (), summary: str = ""):
+def register_allocator(
+    name: str,
+    needs: tuple[str, ...] = (),
+    summary: str = "",
+    options: dict[str, str] | None = None,
+):
+    """Register ``fn(AllocationInput) -> {name: rank}`` as allocation ``name``.
+
+    ``options`` declares the ``allocation_options`` keys it reads and their kinds
+    (``"number"``, ``"count"``, ``"ratios"``); configs are validated against them.
+
+    Example:
+        >>> @register_allocator("first-half", options={"share": "number"})
+        ... def first_half(inp):
+        ...     return {k: min(m, n) // 2 for k, (m, n) in inp.shapes.items()}
+        >>> ALLOCATORS.pop("first-half").options
+        {'share': 'number'}
+    """
+    for kind in (options or {}).values():
+        if kind not in OPTION_KINDS:
+            raise ValueError(f"unknown option kind {kind!r}; known: {', '.join(OPTION_KINDS)}")
+
     def wrap(fn):
-        ALLOCATORS[name] = AllocatorSpec(name, fn, frozenset(needs), summary)
+        ALLOCATORS[name] = AllocatorSpec(name, fn, frozenset(needs), summary, dict(options or {}))
         return fn
 
     return wrap
@@ -205,6 +275,7 @@ def elbow(inp: AllocationInput) -> dict[str, int]:
 @register_allocator(
     "heavy-tail",
     needs=("spectra",),
+    options={"beta_min": "number"},
     summary="WeLore-style: matrices without a decaying spectrum stay dense, the rest share the cut",
 )
 def heavy_tail(inp: AllocationInput) -> dict[str, int]:
@@ -272,6 +343,7 @@ def global_(inp: AllocationInput) -> dict[str, int]:
 @register_allocator(
     "sensitivity",
     needs=("loss_table",),
+    options={"candidates": "ratios", "samples": "count", "seq_len": "count"},
     summary="ASVD-style search over measured calibration-loss increases per matrix and ratio",
 )
 def sensitivity(inp: AllocationInput) -> dict[str, int]:
