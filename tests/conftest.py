@@ -43,11 +43,12 @@ def tiny_tokenizer():
     )
 
 
-def tiny_llama(vocab_size: int = 400, seed: int = 0):
+def tiny_llama(vocab_size: int = 400, seed: int = 0, **overrides):
+    """A tiny random Llama (2 layers, hidden 64); ``overrides`` change config fields."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
+    fields = dict(
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
@@ -57,6 +58,7 @@ def tiny_llama(vocab_size: int = 400, seed: int = 0):
         max_position_embeddings=256,
         tie_word_embeddings=True,
     )
+    cfg = LlamaConfig(**{**fields, **overrides})
     return LlamaForCausalLM(cfg).eval()
 
 

@@ -254,18 +254,8 @@ def test_cli_streams_a_safetensors_folder_and_resumes(
 def test_streaming_equals_in_memory_where_rank_multiple_applies(tmp_path):
     """Ranks above 4 x rank_multiple are rounded by the plan: streamed and in-memory
     compression must round them alike (they once differed: 68 vs 64 for k/v)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=300,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "ckpt")
+    big = tiny_llama(300, hidden_size=256, intermediate_size=512, tie_word_embeddings=False)
+    big.save_pretrained(tmp_path / "ckpt")
     x = torch.randint(3, 300, (4, 32), generator=torch.Generator().manual_seed(1))
     config = SvdLlmConfig(ratio=0.2, pipeline="sequential", allocation="uniform")
     ref = rankcut.load(tmp_path / "ckpt")

@@ -279,7 +279,8 @@ def run_streaming(model, plan, calibration, *, progress=True, job: StreamJob) ->
     """
     from .sequential import advance, check_sequential, compress_block
 
-    config, spec, todo, ranks = plan.config, plan.spec, plan.todo, plan.ranks
+    config, spec, todo = plan.config, plan.spec, plan.todo
+    planned = (todo, plan.ranks, spec, config)  # what compress_block takes of the plan
     out, device, dist, loader = job.out, job.device, job.dist, job.loader
     reader = job.reader
     partial = out.parent / f".{out.name}.partial"
@@ -383,10 +384,7 @@ def run_streaming(model, plan, calibration, *, progress=True, job: StreamJob) ->
             model,
             block_name,
             block,
-            todo,
-            ranks,
-            spec,
-            config,
+            *planned,
             comp,
             dense,
             {},
