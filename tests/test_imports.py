@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -134,3 +136,22 @@ def test_no_import_circle_through(package):
 
 def test_no_import_circle():
     assert find_cycle(import_graph()) is None
+
+
+@pytest.mark.parametrize(
+    ("statement", "heavy"),
+    [
+        # `import rankcut` is cheap: nothing heavy until a verb is used
+        ("import rankcut", ("transformers", "datasets", "matplotlib", "peft", "torch")),
+        # the CLI builds its flags from the recipe before anything is loaded
+        (
+            "from rankcut.recipe import CompressRecipe; "
+            "CompressRecipe.from_dict({'ratio': 0.3, 'method': 'svd'}).to_json()",
+            ("transformers",),
+        ),
+    ],
+)
+def test_import_is_lean(statement, heavy):
+    code = f"import sys; {statement}; print([m for m in {heavy!r} if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
 import sys
 
 import pytest
@@ -275,13 +274,3 @@ def test_global_flags_before_or_after_the_command(argv):
 def test_global_flags_default_off():
     args = build_parser().parse_args(["methods"])
     assert args.quiet is False and args.debug is False
-
-
-def test_recipe_module_needs_no_transformers():
-    code = (
-        "import sys; from rankcut.recipe import CompressRecipe; "
-        "CompressRecipe.from_dict({'ratio': 0.3, 'method': 'svd'}).to_json(); "
-        "print('transformers' in sys.modules)"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
