@@ -105,12 +105,13 @@ def sample_distill_windows(
     seq_len: int,
     seed: int = 0,
     *,
-    batch_size: int | None = None,
     top_k: int = DISTILL_TOP_K,
-    temperature: float = 1.0,
-    progress: bool = True,
+    **options,
 ) -> DistillWindows:
     """``samples`` windows sampled from ``model`` (a causal LM), with its top-``k`` targets.
+
+    ``options`` are ``sampling.sample``'s (``batch_size``, ``temperature``,
+    ``progress``).
 
     The sampling loop of ``sampling.sample`` (key/value cache, ``batch_size`` sequences
     at once, default ``sampling_batch``; a private seeded generator; end-of-text tokens
@@ -129,12 +130,10 @@ def sample_distill_windows(
         samples,
         seq_len,
         seed,
-        batch_size=batch_size,
-        temperature=temperature,
         draw="inverse-cdf",
         keep=lambda logits: top_targets(logits, top_k),
         desc="sampling recovery windows",
-        progress=progress,
+        **options,
     )
     return DistillWindows.cat(
         [

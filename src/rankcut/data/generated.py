@@ -60,10 +60,12 @@ def generated_windows(
     seed: int = 0,
     *,
     batch_size: int = 8,
-    temperature: float = 1.0,
-    progress: bool = True,
+    **options,
 ) -> Tensor:
     """``samples`` windows of ``seq_len`` tokens sampled from ``model`` (a causal LM).
+
+    ``options`` are ``sampling.sample``'s (``temperature``, ``progress``); 8 sequences
+    are sampled at once unless ``batch_size`` says otherwise.
 
     Plain ancestral sampling at ``temperature`` (no top-k/top-p, which would narrow
     the distribution), seeded, the global RNG state left untouched: the loop of
@@ -81,10 +83,9 @@ def generated_windows(
         seq_len,
         seed,
         batch_size=batch_size,
-        temperature=temperature,
         draw="multinomial",
         desc="generating calibration",
-        progress=progress,
+        **options,
     )
     return torch.cat([ids for ids, _ in batches])
 
