@@ -387,6 +387,20 @@ class CompressRecipe(Options):
         shared["allocation"] = self.allocation or DEFAULT_ALLOCATION
         return spec.config_cls(**shared, **self.option)
 
+    def recovery_data(self) -> dict:
+        """The ``rankcut.data.recovery.recovery_windows`` arguments of these fields.
+
+        Example:
+            >>> CompressRecipe(recover=100, recover_windows=10).recovery_data()["count"]
+            10
+        """
+        return {
+            "steps": self.recover,
+            "seq_len": self.recover_seq_len,
+            "seed": self.seed,
+            "count": self.recover_windows,
+        }
+
     def recovery_config(self):
         """The ``rankcut.finetune.RecoveryConfig`` of the ``recover*`` fields.
 
@@ -452,6 +466,20 @@ class FinetuneOptions(Options):
     device: str | None = _opt(None, "default: cuda when available", choices=DEVICES)
 
     label: ClassVar[str] = "finetune"
+
+    def recovery_data(self) -> dict:
+        """The ``rankcut.data.recovery.recovery_windows`` arguments of these options.
+
+        Example:
+            >>> FinetuneOptions(steps=50).recovery_data()["steps"]
+            50
+        """
+        return {
+            "steps": self.steps,
+            "seq_len": self.train_seq_len,
+            "seed": self.seed,
+            "count": self.windows,
+        }
 
     def recovery_config(self):
         """The ``rankcut.finetune.RecoveryConfig`` of these options.

@@ -187,15 +187,9 @@ def _run_in_memory(
     recovery_data = None
     recovery_spec = resolve_recovery_spec(recipe.recover_data, model)
     if recipe.recover:  # sampled from the dense model, so before it is compressed
+        data = recipe.recovery_data()
         recovery_data = recovery_windows(
-            recovery_spec,
-            tokenizer,
-            recipe.recover,
-            recipe.recover_seq_len,
-            recipe.seed,
-            count=recipe.recover_windows,
-            model=model,
-            progress=progress,
+            recovery_spec, tokenizer, **data, model=model, progress=progress
         )
     # Sampled recovery data carries the teacher's targets; only text needs a teacher copy.
     needs_teacher = (
@@ -430,16 +424,8 @@ def finetune_folder(
     result = RunResult(out, None)
     before = ppl() if heldout else None
     started = time.perf_counter()
-    windows = recovery_windows(
-        spec,
-        tokenizer,
-        opts.steps,
-        opts.train_seq_len,
-        opts.seed,
-        count=opts.windows,
-        model=sampler,
-        progress=progress,
-    )
+    data = opts.recovery_data()
+    windows = recovery_windows(spec, tokenizer, **data, model=sampler, progress=progress)
     data_seconds = time.perf_counter() - started
     if GENERATED in spec.split("+"):
         result.say(f"recovery data: {windows.shape[0]} windows sampled in {data_seconds:.0f} s")
