@@ -62,6 +62,11 @@ def _allocator_names() -> tuple[str, ...]:
     return tuple(sorted(ALLOCATORS))
 
 
+#: Help shared by ``compress --recover-*`` and ``finetune``: the same recovery data.
+_DATA_HELP = "training data, as {} ('auto': text sampled from the {} model for causal LMs)"
+_WINDOWS_HELP = "distinct training windows (default: STEPS, each seen once)"
+
+
 def _pipeline_names() -> tuple[str, ...]:
     from .pipelines import config_pipelines
 
@@ -261,14 +266,8 @@ class CompressRecipe(Options):
         metavar="R",
         show_default=False,
     )
-    recover_data: str = _opt(
-        "auto",
-        "recovery training data, as --calib ('auto': text sampled from the dense model "
-        "for causal LMs)",
-    )
-    recover_windows: int | None = _opt(
-        None, "recovery: distinct training windows (default: STEPS, each seen once)", metavar="N"
-    )
+    recover_data: str = _opt("auto", "recovery " + _DATA_HELP.format("--calib", "dense"))
+    recover_windows: int | None = _opt(None, "recovery: " + _WINDOWS_HELP, metavar="N")
     recover_seq_len: int = _opt(
         RECOVERY_SEQ_LEN, "recovery: tokens per training window", metavar="T"
     )
@@ -298,6 +297,13 @@ class CompressRecipe(Options):
         self.option = {key.replace("-", "_"): value for key, value in self.option.items()}
         if self.recover < 0:
             raise ConfigError(f"recipe: 'recover' must be >= 0, got {self.recover}")
+        # Zero windows or zero-token windows would fail deep in calibration with an
+        # empty-tensor error; say which option is wrong instead.
+        for name in ("samples", "seq_len", "recover_seq_len"):
+            value = getattr(self, name)
+            if value < 1:
+                flag = "--" + name.replace("_", "-")
+                raise ConfigError(f"recipe: {name!r} ({flag}) must be at least 1, got {value}")
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> CompressRecipe:
@@ -448,14 +454,8 @@ class FinetuneOptions(Options):
     distill: float = _opt(
         1.0, "share of distillation from the source model in the loss (0 = CE only)"
     )
-    data: str = _opt(
-        "auto",
-        "training data, as compress --calib ('auto': text sampled from the source model "
-        "for causal LMs)",
-    )
-    windows: int | None = _opt(
-        None, "distinct training windows (default: STEPS, each seen once)", metavar="N"
-    )
+    data: str = _opt("auto", _DATA_HELP.format("compress --calib", "source"))
+    windows: int | None = _opt(None, _WINDOWS_HELP, metavar="N")
     train_seq_len: int = _opt(RECOVERY_SEQ_LEN, "tokens per training window")
     eval_seq_len: int = _opt(512, "evaluation window length", flag="--seq-len", metavar="SEQ_LEN")
     seed: int = _opt(0, "seed for window sampling")
