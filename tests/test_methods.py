@@ -161,16 +161,27 @@ def test_sparse_codes_at_full_budget(method, windows):
 
 
 def test_full_rank_pattern_keeps_matrices_dense(windows):
-    """A rank_pattern at or above full rank saves no parameters: the matrices stay dense,
-    untouched."""
+    """A rank_pattern at full rank saves no parameters: those matrices stay dense,
+    untouched; when that leaves nothing to factorize, compress refuses (nothing to do)."""
     model = tiny_llama()
     before = {n: dense_weight(m).detach().clone() for n, m in find_targets(model).items()}
-    config = config_for("svd-llm", ratio=0.5, rank_pattern={".*": 10_000})
+    config = config_for("svd-llm", ratio=0.5, rank_pattern={"o_proj": 64})
     result = rankcut.compress(model, config, windows, progress=False)
-    assert not result.ranks and sorted(result.kept_dense) == sorted(before)
-    assert not factorized_modules(model)
-    for name, w in before.items():
-        assert torch.equal(dense_weight(model.get_submodule(name)), w)
+    assert sorted(result.kept_dense) == sorted(n for n in before if "o_proj" in n)
+    for name in result.kept_dense:
+        assert torch.equal(dense_weight(model.get_submodule(name)), before[name])
+    with pytest.raises(RankcutError, match="can save no parameters"):
+        rankcut.compress(
+            tiny_llama(),
+            SvdConfig(ratio=0.5, targets=["o_proj"], rank_pattern={"o_proj": 64}),
+            progress=False,
+        )
+
+
+def test_rank_pattern_above_full_rank_is_refused():
+    """A rank above min(m, n) cannot be met: one error naming the module and its shape."""
+    with pytest.raises(RankcutError, match=r"o_proj rank 65.*64 x 64.*at most rank 64"):
+        rankcut.compress(tiny_llama(), SvdConfig(ratio=0.3, rank_pattern={"o_proj": 65}))
 
 
 @pytest.mark.parametrize("method", LOW_RANK_METHODS)

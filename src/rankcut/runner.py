@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import logging
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,6 +95,108 @@ def resolve_device(name: str | None) -> str:
     return name or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+#: Config fields in which Hugging Face configs declare the longest sequence a model takes.
+_POSITION_FIELDS = ("max_position_embeddings", "n_positions")
+
+
+def check_writable(out: str | os.PathLike) -> None:
+    """A ``RankcutError`` unless a folder can be created at ``out``; nothing is left behind.
+
+    Checked before any model is loaded, so that an unwritable ``--out`` (``/proc/x``, a
+    path under an existing file, a read-only disk) fails in a second, not after hours of
+    compression. A temporary folder is made and removed in the nearest existing
+    ancestor, which is where the save creates its own temporary sibling.
+
+    Example:
+        >>> check_writable("runs/new-folder")
+    """
+    out = Path(out).expanduser().absolute()
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise RankcutError(f"cannot create output folder {out}: {parent} is a file")
+    try:
+        probe = tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=parent)
+        os.rmdir(probe)
+    except OSError as err:
+        raise RankcutError(
+            f"cannot write output folder {out}: {err.strerror or err} in {parent}"
+        ) from None
+
+
+def declared_positions(model: str | os.PathLike | nn.Module) -> int | None:
+    """The longest sequence the model's config declares, or ``None`` if it declares none.
+
+    ``model`` is a loaded model (its ``config``) or a model spec; for a local folder
+    the ``config.json`` is read without loading anything, and a hub id or GGUF file
+    (whose config needs a download or a parse) gives ``None``, to be checked once loaded.
+    """
+    config: Any = getattr(model, "config", None)
+    if config is None and isinstance(model, (str, os.PathLike)):
+        from .models import resolve
+
+        kind, location = resolve(str(model))
+        path = Path(location) / "config.json"
+        if kind not in ("rankcut", "hf-dir") or not path.is_file():
+            return None
+        try:
+            config = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None  # a broken config.json gets its own error when the model loads
+    if config is None:
+        return None
+    get = config.get if isinstance(config, dict) else lambda k: getattr(config, k, None)
+    for name in _POSITION_FIELDS:
+        value = get(name)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_seq_len(model: str | os.PathLike | nn.Module, seq_len: int | None, flag: str) -> None:
+    """A ``RankcutError`` when ``seq_len`` exceeds the positions the model's config declares.
+
+    Without this a GPT-2 (learned positions) fails deep inside its forward with an
+    ``IndexError``; the check reads only the config, never the model's name.
+
+    Example:
+        >>> check_seq_len("no-such-model-skipped-for-none", None, "--seq-len")
+    """
+    if seq_len is None:
+        return
+    if seq_len < 1:
+        raise RankcutError(f"{flag} must be at least 1, got {seq_len}")
+    limit = declared_positions(model)
+    if limit is not None and seq_len > limit:
+        raise RankcutError(
+            f"{flag} {seq_len} is longer than the model's {limit} positions "
+            f"(its config's max_position_embeddings / n_positions); use {flag} {limit} or less"
+        )
+
+
+def _fit_seq_lens(model, recipe: CompressRecipe, needs_data: bool) -> CompressRecipe:
+    """``recipe`` with window lengths that ``model`` takes, or a ``RankcutError``.
+
+    A length left at its default is shortened to the model's positions (the user asked
+    for no particular length; the resolved value is written to ``recipe.json``); any
+    other length beyond them is refused.
+    """
+    fields = {f.name: f for f in dataclasses.fields(recipe)}
+    limit = declared_positions(model)
+    changes = {}
+    for name, used in (("seq_len", needs_data), ("recover_seq_len", bool(recipe.recover))):
+        value = getattr(recipe, name)
+        if not used:
+            continue
+        if limit is not None and value > limit and value == fields[name].default:
+            logger.info("%s: the default %d is longer than the model; using %d", name, value, limit)
+            changes[name] = limit
+        else:
+            check_seq_len(model, value, "--" + name.replace("_", "-"))
+    return dataclasses.replace(recipe, **changes) if changes else recipe
+
+
 def run(recipe: CompressRecipe, *, overwrite: bool = False, progress: bool = True) -> RunResult:
     """Compress, optionally recover and evaluate, and save, as ``recipe`` says.
 
@@ -134,6 +238,7 @@ def run(recipe: CompressRecipe, *, overwrite: bool = False, progress: bool = Tru
     spec = get_method(recipe.method)
     out = recipe.output_dir()
     io.check_output_dir(out, overwrite)  # fail before any heavy work
+    check_writable(out)
     device = resolve_device(recipe.device)
     torch.manual_seed(recipe.seed)
     resolve(recipe.model)  # a clear error for bad paths/aliases before loading
@@ -143,6 +248,7 @@ def run(recipe: CompressRecipe, *, overwrite: bool = False, progress: bool = Tru
         or config.pipeline == "sequential"
         or recipe.recover
     )
+    recipe = _fit_seq_lens(recipe.model, recipe, needs_data)
     if needs_data:
         validate_spec(recipe.calib)  # before loading the model
     heldout = load_text(recipe.eval_data) if recipe.eval_data else None
@@ -171,6 +277,8 @@ def _run_in_memory(
     from .data.recovery import recovery_windows, resolve_recovery_spec
 
     model = io.load(recipe.model, device=device)
+    # Again on the loaded config: a hub id or GGUF file declares its positions only now.
+    recipe = _fit_seq_lens(model, recipe, needs_data)
     recipe = dataclasses.replace(recipe, calib=resolve_spec(recipe.calib, model), out=str(out))
     result = RunResult(out, None, recipe)
     calib = None
@@ -404,6 +512,10 @@ def finetune_folder(
     in_place = out.resolve() == Path(location).resolve()
     if not in_place:
         io.check_output_dir(out, overwrite)
+    check_writable(out)
+    check_seq_len(folder, opts.train_seq_len, "--train-seq-len")
+    if opts.eval_data:
+        check_seq_len(folder, opts.eval_seq_len, "--seq-len")
     validate_spec(opts.data)
     heldout = load_text(opts.eval_data) if opts.eval_data else None
     tokenizer = io.load_tokenizer(folder)

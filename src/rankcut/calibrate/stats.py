@@ -92,7 +92,10 @@ class InputStats:
 
         for label, t in (("Gram matrix", self.gram), ("activation mean", self.abs_sum)):
             if t is not None and not all_finite(t):
-                raise RankcutError(f"non-finite {label} for {name}: the calibration overflowed")
+                raise RankcutError(
+                    f"non-finite {label} for {name}: the model's weights or activations "
+                    "hold NaN or infinity (check the checkpoint, or use a wider dtype)"
+                )
 
 
 @dataclass

@@ -18,7 +18,9 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="evaluation text (default shakespeare-heldout)",
     )
     parser.add_argument("--tokens", type=int, default=4096, help="tokens of text to score (4096)")
-    parser.add_argument("--seq-len", type=int, default=512, help="window length (512)")
+    parser.add_argument(
+        "--seq-len", type=int, help="window length (512, or the model's positions if fewer)"
+    )
     parser.add_argument("--device", choices=DEVICES, help="default: cuda when available")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(func=cmd_eval)
@@ -29,13 +31,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .. import io
     from ..data import load_text
     from ..evaluate import param_summary, perplexity
-    from ..runner import resolve_device
+    from ..runner import check_seq_len, resolve_device
+    from .common import resolve_seq_len
 
     device = resolve_device(args.device)
     io.hf_location(args.model)  # clear error for bad paths/aliases
+    args.seq_len = resolve_seq_len(args.model, args.seq_len)
     text = load_text(args.data)
     tokenizer = io.load_tokenizer(args.model)
     model = io.load(args.model, device=device)
+    check_seq_len(model, args.seq_len, "--seq-len")  # a hub id declares it only once loaded
     start = time.perf_counter()
     report = perplexity(
         model, tokenizer, text, tokens=args.tokens, seq_len=args.seq_len, progress=not args.quiet

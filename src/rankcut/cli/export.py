@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ..errors import ConfigError
 
@@ -23,13 +24,22 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .. import io
+    from ..runner import check_writable
 
     if not args.merge:
         raise ConfigError(
             "export writes merged dense checkpoints only: pass --merge (a factorized "
             "folder is already loadable with rankcut.load)"
         )
+    _, location = io.hf_location(args.model)
+    source, out = Path(location).resolve(), Path(args.out).expanduser().resolve()
+    # --overwrite would replace the compressed folder with its own dense merge.
+    if out == source or source in out.parents or out in source.parents:
+        raise ConfigError(
+            f"--out {args.out} is the input folder {args.model} or overlaps it; name another folder"
+        )
     io.check_output_dir(args.out, args.overwrite)
+    check_writable(args.out)
     out = io.export_merged(args.model, args.out, overwrite=args.overwrite)
     print(f"saved a dense Hugging Face checkpoint to {out}")
     return 0

@@ -46,8 +46,45 @@ BUILTIN_CORPORA = {
 }
 
 
+#: Least share of printable characters (newlines and tabs count) in a text file; a
+#: binary file that happens to decode as UTF-8 falls far below it.
+MIN_PRINTABLE = 0.95
+
+
 def _read_files(files: list[Path]) -> str:
     return "\n\n".join(p.read_text(encoding="utf-8", errors="replace").strip() for p in files)
+
+
+def read_text_file(path: Path) -> str:
+    """The text of a user's file: UTF-8 and mostly printable, else a one-line error.
+
+    A checkpoint or archive passed as ``--calib`` would otherwise be tokenized as
+    replacement characters and calibrate on noise without a word.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "a.txt"
+        >>> _ = p.write_text("to be or not to be")
+        >>> read_text_file(p)
+        'to be or not to be'
+    """
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise RankcutError(
+            f"{path} is not UTF-8 text (undecodable byte at offset {err.start}); "
+            "give a .txt file, a folder of them, or a corpus name"
+        ) from None
+    except OSError as err:
+        raise RankcutError(f"cannot read {path}: {err.strerror or err}") from None
+    if text:
+        printable = sum(ch.isprintable() or ch in "\n\r\t" for ch in text)
+        if printable < MIN_PRINTABLE * len(text):
+            raise RankcutError(
+                f"{path} does not look like text: {printable / len(text):.0%} printable "
+                f"characters (at least {MIN_PRINTABLE:.0%} expected)"
+            )
+    return text.strip()
 
 
 def load_text(spec: str) -> str:
@@ -72,8 +109,8 @@ def load_text(spec: str) -> str:
         files = sorted(path.rglob("*.txt"))
         if not files:
             raise RankcutError(f"no .txt files in folder {spec}")
-        return _read_files(files)
-    return _read_files([path])
+        return "\n\n".join(read_text_file(p) for p in files)
+    return read_text_file(path)
 
 
 def _load_hf_dataset(spec: str) -> str:

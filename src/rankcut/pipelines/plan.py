@@ -181,13 +181,50 @@ def select_targets(
     return modules, tied, {name: dense_shape(m) for name, m in modules.items()}
 
 
+def check_rank_pattern(config, shapes: dict[str, tuple[int, int]]) -> None:
+    """A ``RankcutError`` for a ``rank_pattern`` rank above a matched matrix's full rank.
+
+    Such a rank used to be clipped silently, leaving the matrix dense and the budget
+    missed; checked before any statistics are gathered.
+    """
+    for name, (m, n) in shapes.items():
+        override = _pattern_rank(name, config.rank_pattern)
+        if override is not None and override > min(m, n):
+            raise RankcutError(
+                f"rank_pattern gives {name} rank {override}, above its full rank: the "
+                f"matrix is {m} x {n}, so at most rank {min(m, n)}"
+            )
+
+
 def apply_rank_overrides(config, ranks, shapes, tied) -> list[str]:
     """Apply ``rank_pattern`` to ``ranks`` in place; return the names kept dense."""
+    check_rank_pattern(config, shapes)
     for name in ranks:
         override = _pattern_rank(name, config.rank_pattern)
         if override is not None:
-            ranks[name] = min(override, *shapes[name])
+            ranks[name] = override
     return sorted(tied | {n for n, r in ranks.items() if not saves_params(*shapes[n], r)})
+
+
+def check_saves_something(config, tied: set[str], kept: list[str], shapes) -> None:
+    """A ``RankcutError`` when every target stays dense: the run would remove nothing.
+
+    Tied weights (factorizing would untie them and grow the model) and matrices whose
+    rank saves no parameters are kept dense; when that is all of them, compressing
+    would write a copy of the model and report 0 % removed.
+    """
+    if any(name not in kept for name in shapes):
+        return
+    reasons = []
+    if tied:
+        reasons.append(f"tied weights stay dense (factorizing would untie them): {sorted(tied)}")
+    dense = sorted(n for n in kept if n not in tied)
+    if dense:
+        reasons.append(f"at their ranks these save no parameters: {dense}")
+    raise RankcutError(
+        f"targets {config.targets} can save no parameters: {'; '.join(reasons)}; "
+        "target other linears (e.g. --targets mlp self_attn)"
+    )
 
 
 def param_report(model, before, shapes, tied, final_ranks, stored=None) -> dict[str, int]:
@@ -345,6 +382,10 @@ def make_plan(
     allocator = ALLOCATORS[config.allocation]
     before = param_summary(model)
     modules, tied, shapes = select_targets(model, config)
+    # Refusals that need only the structure, before any statistics are gathered.
+    check_rank_pattern(config, shapes)
+    if not modules:
+        check_saves_something(config, tied, sorted(tied), shapes)
     if runner.in_memory:
         check_finite_weights(modules)
 
@@ -364,6 +405,7 @@ def make_plan(
     ranks = allocate(config.allocation, inp) if modules else {}
     phases["allocation"] = time.perf_counter() - start - phases["statistics"]
     kept = apply_rank_overrides(config, ranks, shapes, tied)
+    check_saves_something(config, tied, kept, shapes)
     todo = {n: m for n, m in modules.items() if n not in kept}
     # Only the whole pipeline factorizes from the whole-model statistics; free them
     # otherwise before the per-block passes.

@@ -175,9 +175,14 @@ def allocate(name: str, inp: AllocationInput) -> dict[str, int]:
         )
     spent = total_cost(inp.shapes, ranks)
     if spent > limit:
+        # Uniform ranks ignore min_rank_fraction: only the rounding can overshoot there.
+        hint = (
+            "lower rank_multiple or min_speedup"
+            if name == "uniform"
+            else "lower min_rank_fraction or the number of matrices kept dense"
+        )
         raise RankcutError(
-            f"allocation {name!r} cannot meet the budget: {spent:,} > {limit:,} parameters "
-            "(lower min_rank_fraction or the number of matrices kept dense)"
+            f"allocation {name!r} cannot meet the budget: {spent:,} > {limit:,} parameters ({hint})"
         )
     return ranks
 
