@@ -36,8 +36,30 @@ def is_safetensors_dir(path: str | os.PathLike) -> bool:
     )
 
 
+#: safetensors header dtype codes -> torch dtype names (as ``rankcut.json`` writes them).
+SAFETENSORS_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
+
+
 class CheckpointReader:
     """Reads named tensors from a safetensors checkpoint, one group at a time.
+
+    Opening one validates it without reading any tensor data: every file's header is
+    parsed (a truncated or foreign file fails here), and an index must map each tensor
+    to an existing shard inside the folder that holds it. Each problem is one
+    ``RankcutError`` line. ``shapes`` and ``dtypes`` come from the headers.
 
     Example:
         >>> reader = CheckpointReader("runs/my-llama")  # doctest: +SKIP
@@ -45,21 +67,65 @@ class CheckpointReader:
     """
 
     def __init__(self, folder: str | os.PathLike) -> None:
-        from safetensors import SafetensorError, safe_open
-
         self.folder = Path(folder)
         index = self.folder / INDEX_FILE
         path = self.folder / WEIGHTS_FILE
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.dtypes: dict[str, str] = {}
+        if index.is_file() and not path.is_file():
+            self.files = self._read_index(index)
+            by_file: dict[Path, set[str]] = {}
+            for name, file in self.files.items():
+                by_file.setdefault(file, set()).add(name)
+            for file, names in by_file.items():
+                held = self._read_header(file)
+                absent = sorted(names - held)
+                if absent:
+                    raise RankcutError(
+                        f"{index} maps {absent[0]!r} to {file.name}, which does not hold it"
+                        + (f" (nor {len(absent) - 1} other tensors)" if len(absent) > 1 else "")
+                    )
+        elif path.is_file():
+            self.files = {name: path for name in self._read_header(path)}
+        else:
+            raise RankcutError(f"{self.folder} holds no {WEIGHTS_FILE} (nor {INDEX_FILE})")
+
+    def _read_index(self, index: Path) -> dict[str, Path]:
+        """``{tensor name: shard path}`` from ``index``, every shard checked to exist."""
         try:
-            if index.is_file() and not path.is_file():
-                path = index
-                weight_map = json.loads(index.read_text())["weight_map"]
-                self.files = {name: self.folder / f for name, f in weight_map.items()}
-            else:
-                with safe_open(str(path), framework="pt") as f:
-                    self.files = {name: path for name in f.keys()}
-        except (OSError, KeyError, ValueError, TypeError, SafetensorError) as err:
-            raise RankcutError(f"cannot read the safetensors checkpoint {path}: {err}") from err
+            data = json.loads(index.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise RankcutError(f"cannot read {index}: {err}") from err
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise RankcutError(f"{index} has no 'weight_map' object (tensor name -> shard file)")
+        files = {}
+        for name, file in weight_map.items():
+            # A shard is a plain file of this folder: a path leaving it is refused, not read.
+            if not isinstance(file, str) or Path(file).is_absolute() or ".." in Path(file).parts:
+                raise RankcutError(f"{index}: invalid shard {file!r} for tensor {name!r}")
+            files[name] = self.folder / file
+        missing = sorted({p.name for p in files.values() if not p.is_file()})
+        if missing:
+            raise RankcutError(
+                f"{index} lists shard files missing from {self.folder}: {', '.join(missing[:3])}"
+            )
+        return files
+
+    def _read_header(self, path: Path) -> set[str]:
+        """Tensor names of the safetensors file ``path``; fills ``shapes`` and ``dtypes``."""
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                names = set(f.keys())
+                for name in names:
+                    info = f.get_slice(name)
+                    self.shapes[name] = tuple(info.get_shape())
+                    self.dtypes[name] = SAFETENSORS_DTYPES.get(info.get_dtype(), info.get_dtype())
+        except (OSError, ValueError, SafetensorError) as err:
+            raise RankcutError(f"cannot read the safetensors file {path}: {err}") from err
+        return names
 
     def keys(self) -> set[str]:
         return set(self.files)
@@ -125,9 +191,15 @@ def build_skeleton(folder: str | os.PathLike, device) -> nn.Module:
     from accelerate import init_empty_weights
     from transformers import AutoConfig
 
-    from ..models.sources import model_class
+    from ..models.sources import first_line, model_class, refuse_remote_code
 
-    config = AutoConfig.from_pretrained(folder)
+    refuse_remote_code(folder)  # before transformers reads anything
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    except (OSError, ValueError) as err:
+        raise RankcutError(
+            f"cannot read {Path(folder) / 'config.json'}: {first_line(err)}"
+        ) from err
     cls = model_class(config)
     with init_empty_weights(include_buffers=False):
         if hasattr(cls, "_from_config"):

@@ -25,10 +25,16 @@ from torch import nn
 
 from ..errors import RankcutError
 from ..layers import LAYER_TYPES, factorized_modules
-from ..models.sources import hf_location, is_rankcut_dir, load_hf_model
+from ..models.sources import (
+    first_line,
+    hf_location,
+    is_rankcut_dir,
+    load_hf_model,
+    refuse_remote_code,
+)
 from ..models.structure import replace_module
 from .atomic import atomic_dir, check_output_dir
-from .checkpoint import WEIGHTS_FILE, CheckpointReader
+from .checkpoint import WEIGHTS_FILE, CheckpointReader, is_safetensors_dir
 
 logger = logging.getLogger(__name__)
 
@@ -106,13 +112,22 @@ def build_meta(model: nn.Module, tied: dict[str, str], extra: dict | None = None
     }
 
 
-def _load_weights(folder: Path, device) -> dict[str, torch.Tensor]:
-    """The whole state dict from ``model.safetensors`` or from the shards of an index."""
-    return CheckpointReader(folder).load_all(device)
+def read_meta(folder: str | os.PathLike, check_ranks: bool = True) -> dict:
+    """Parse and validate ``rankcut.json``; any problem is a one-line ``RankcutError``.
 
+    Checked here, before any tensor is read: the format and its version, every layer
+    entry (a registered type, positive integer sizes and structure fields, a boolean
+    bias), ``architecture`` and ``dtype``. A ``ranks`` object, which compress outputs
+    store beside ``layers``, must agree with the ranks of ``layers``: ``layers`` is what
+    rebuilds the model, so it is the one read (see ``layer_ranks``). ``load`` passes
+    ``check_ranks=False`` and checks ``ranks`` once ``layers`` has been checked against
+    the tensors, so that a hand-edited layer entry is reported as that.
 
-def read_meta(folder: str | os.PathLike) -> dict:
-    """Parse and validate ``rankcut.json``; any problem is a one-line ``RankcutError``."""
+    Example:
+        >>> meta = read_meta("runs/smollm2-svdllm")  # doctest: +SKIP
+        >>> layer_ranks(meta)["model.layers.0.self_attn.q_proj"]  # doctest: +SKIP
+        128
+    """
     path = Path(folder) / META_FILE
     try:
         meta = json.loads(path.read_text())
@@ -127,31 +142,153 @@ def read_meta(folder: str | os.PathLike) -> dict:
     if not isinstance(layers, dict):
         raise RankcutError(f"{path}: 'layers' must be an object")
     for name, spec in layers.items():
-        ok = isinstance(spec, dict) and spec.get("type") in LAYER_TYPES
-        for key in ("in_features", "out_features", "rank"):
-            ok = ok and isinstance(spec.get(key), int) and spec[key] > 0
-        if not ok:
+        if not _valid_layer_entry(spec):
             raise RankcutError(f"{path}: invalid layer entry for {name!r}: {spec!r}")
     if not isinstance(meta.get("architecture"), str) or not isinstance(meta.get("tied", {}), dict):
         raise RankcutError(f"{path}: missing or invalid 'architecture'/'tied'")
+    dtype = meta.get("dtype", "float32")
+    if not (isinstance(dtype, str) and _is_float_dtype(getattr(torch, dtype, None))):
+        raise RankcutError(
+            f"{path}: invalid dtype {dtype!r} (a torch floating-point type such as 'float32')"
+        )
+    if check_ranks:
+        check_stored_ranks(meta, path)
     return meta
 
 
-def load_rankcut_dir(folder: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild a saved model: skeleton on the meta device, factorized layers, weights."""
+def check_stored_ranks(meta: dict, path: str | os.PathLike = META_FILE) -> None:
+    """Raise ``RankcutError`` when a stored ``ranks`` object disagrees with ``layers``.
+
+    Example:
+        >>> check_stored_ranks({"layers": {"q": {"rank": 8}}, "ranks": {"q": 8}})
+    """
+    ranks = layer_ranks(meta)
+    if "ranks" not in meta or meta["ranks"] == ranks:
+        return
+    stored = meta["ranks"] if isinstance(meta["ranks"], dict) else {}
+    differ = sorted(set(stored) ^ set(ranks) | {n for n in ranks if stored.get(n) != ranks[n]})
+    first = differ[0] if differ else "?"
+    raise RankcutError(
+        f"{path}: 'ranks' disagrees with 'layers' for {len(differ)} matrices (first "
+        f"{first!r}: ranks says {stored.get(first)!r}, layers says {ranks.get(first)!r})"
+    )
+
+
+def _is_float_dtype(dtype) -> bool:
+    return isinstance(dtype, torch.dtype) and dtype.is_floating_point
+
+
+def _valid_layer_entry(spec) -> bool:
+    """A registered type, positive ``int`` sizes and structure fields, a ``bool`` bias."""
+    if not isinstance(spec, dict) or spec.get("type") not in LAYER_TYPES:
+        return False
+    fields = ("in_features", "out_features", "rank", *LAYER_TYPES[spec["type"]].structure_fields)
+    # bool is an int subclass: true/false is not a size.
+    sizes = [spec.get(key) for key in fields]
+    ok = all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sizes)
+    return ok and isinstance(spec.get("bias", False), bool)
+
+
+def layer_ranks(meta: dict) -> dict[str, int]:
+    """``{layer name: rank}`` of a ``rankcut.json`` object, from its ``layers`` entries.
+
+    The one source of ranks: a stored ``ranks`` object repeats them and is only checked
+    against this (``read_meta``), never trusted.
+
+    Example:
+        >>> layer_ranks({"layers": {"q": {"rank": 8}, "k": {"rank": 4}}})
+        {'q': 8, 'k': 4}
+    """
+    return {name: spec["rank"] for name, spec in meta["layers"].items()}
+
+
+def _model_class(meta: dict, config) -> type:
+    """The transformers class ``rankcut.json`` names, checked to be one that fits ``config``."""
     import transformers
+
+    name = meta["architecture"]
+    try:
+        cls = getattr(transformers, name, None)
+    except (ImportError, RuntimeError):  # a lazy attribute whose backend is missing
+        cls = None
+    if cls is None:
+        raise RankcutError(f"rankcut.json: transformers has no model class {name!r}")
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise RankcutError(f"rankcut.json: architecture {name!r} is not a transformers model class")
+    wanted = getattr(cls, "config_class", None)
+    if wanted is not None and not isinstance(config, wanted):
+        raise RankcutError(
+            f"rankcut.json: architecture {name!r} does not fit config.json "
+            f"(model_type {getattr(config, 'model_type', None)!r}, {type(config).__name__})"
+        )
+    return cls
+
+
+def _check_tensors(model: nn.Module, meta: dict, reader: CheckpointReader) -> None:
+    """Names, shapes and dtype of the stored tensors against the rebuilt skeleton.
+
+    Run before any tensor data is read, so that a hand-edited ``rankcut.json`` (or
+    ``config.json``) is one line naming the entry, not a torch size-mismatch traceback.
+    """
+    tied = meta.get("tied", {})
+    where = WEIGHTS_FILE if reader.files and len(set(reader.files.values())) == 1 else "checkpoint"
+    expected = {n: tuple(t.shape) for n, t in model.state_dict().items() if n not in tied}
+    unexpected = sorted(set(reader.shapes) - set(expected))
+    if unexpected:
+        raise RankcutError(f"unexpected tensors in {where}: {unexpected[:5]}")
+    params = {n for n, _ in model.named_parameters()} - set(tied)
+    missing = sorted(params - set(reader.shapes))
+    if missing:
+        raise RankcutError(f"{where} lacks tensors for: {missing[:5]}")
+    layers = meta["layers"]
+    for name, shape in expected.items():
+        stored = reader.shapes.get(name)
+        if stored is None or stored == shape:
+            continue
+        owner = next((lay for lay in layers if name.startswith(f"{lay}.")), None)
+        if owner is not None:
+            spec = layers[owner]
+            raise RankcutError(
+                f"rankcut.json and {where} do not match: layer {owner!r} ({spec['type']}, "
+                f"{spec['in_features']} -> {spec['out_features']}, rank {spec['rank']}) needs "
+                f"{name!r} of shape {list(shape)}, stored {list(stored)}"
+            )
+        raise RankcutError(
+            f"config.json and {where} do not match: {name!r} needs shape {list(shape)}, "
+            f"stored {list(stored)}"
+        )
+    # rankcut.json's dtype is the first parameter's (build_meta): check that very tensor.
+    first = next((n for n, _ in model.named_parameters() if n in reader.dtypes), None)
+    dtype = meta.get("dtype", "float32")
+    if first is not None and reader.dtypes[first] != dtype:
+        raise RankcutError(
+            f"rankcut.json says dtype {dtype!r} but {where} stores {reader.dtypes[first]!r} "
+            f"(e.g. {first!r})"
+        )
+
+
+def load_rankcut_dir(folder: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a saved model: skeleton on the meta device, factorized layers, weights.
+
+    Everything is checked before a tensor is read: no code from the folder (``auto_map``),
+    ``rankcut.json`` (``read_meta``), its architecture against ``config.json``, and the
+    stored tensors' names, shapes and dtype against the rebuilt skeleton.
+
+    Example:
+        >>> model = load_rankcut_dir("runs/smollm2-svdllm")  # doctest: +SKIP
+    """
     from accelerate import init_empty_weights
     from transformers import AutoConfig
 
     folder = Path(folder)
-    meta = read_meta(folder)
-    cls = getattr(transformers, meta["architecture"], None)
-    if cls is None:
-        raise RankcutError(f"transformers has no model class {meta['architecture']!r}")
+    refuse_remote_code(folder)  # before transformers reads anything
+    meta = read_meta(folder, check_ranks=False)
     try:
-        config = AutoConfig.from_pretrained(folder)
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     except (OSError, ValueError) as err:
-        raise RankcutError(f"cannot read {folder / 'config.json'}: {err}") from err
+        raise RankcutError(f"cannot read {folder / 'config.json'}: {first_line(err)}") from err
+    cls = _model_class(meta, config)
+    reader = CheckpointReader(folder)
     # Parameters on meta (no allocation, no random init); buffers are real so that
     # non-persistent ones (rotary frequencies) are computed as usual.
     with init_empty_weights(include_buffers=False):
@@ -161,8 +298,15 @@ def load_rankcut_dir(folder: str | os.PathLike, device: str | torch.device = "cp
             model.get_submodule(name)
         except AttributeError as err:
             raise RankcutError(f"rankcut.json names layer {name!r}, absent from the model") from err
-        replace_module(model, name, LAYER_TYPES[spec["type"]].from_structure(spec, device="meta"))
-    state = _load_weights(folder, device)
+        try:
+            layer = LAYER_TYPES[spec["type"]].from_structure(spec, device="meta")
+        except (KeyError, TypeError, ValueError) as err:
+            raise RankcutError(f"rankcut.json: cannot rebuild layer {name!r}: {err}") from err
+        replace_module(model, name, layer)
+    _check_tensors(model, meta, reader)
+    # layers now agree with the tensors; a repeated ``ranks`` must agree with layers.
+    check_stored_ranks(meta, folder / META_FILE)
+    state = reader.load_all(device)
     try:
         result = model.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as err:
@@ -209,21 +353,31 @@ def load(spec: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Modu
     kind, location = hf_location(spec)
     if kind == "rankcut":
         return load_rankcut_dir(location, device=device)
+    if is_safetensors_dir(location):
+        CheckpointReader(location)  # a truncated file or a bad index: one line, not a traceback
     model = load_hf_model(location)
     return model.to(device).eval()
 
 
 def load_tokenizer(spec: str | os.PathLike):
-    """The tokenizer that goes with ``spec`` (same sources as ``load``)."""
+    """The tokenizer that goes with ``spec`` (same sources as ``load``).
+
+    A folder whose ``config.json`` or ``tokenizer_config.json`` has an ``auto_map`` is
+    refused (``RankcutError``): custom tokenizer classes are code.
+
+    Example:
+        >>> tokenizer = rankcut.load_tokenizer("runs/smollm2-svdllm")  # doctest: +SKIP
+    """
     from transformers import AutoTokenizer
 
-    kind, location = hf_location(str(spec))
+    kind, location = hf_location(str(spec))  # refuses folders with an auto_map
     try:
-        return AutoTokenizer.from_pretrained(location)
+        return AutoTokenizer.from_pretrained(location, trust_remote_code=False)
     except (OSError, ValueError) as err:
         hint = " (saved without a tokenizer)" if is_rankcut_dir(Path(location)) else ""
-        first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
-        raise RankcutError(f"cannot load a tokenizer from {spec!r}{hint}: {first}") from err
+        raise RankcutError(
+            f"cannot load a tokenizer from {spec!r}{hint}: {first_line(err)}"
+        ) from err
 
 
 def merge_factors(model: nn.Module) -> nn.Module:

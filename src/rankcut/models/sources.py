@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -59,6 +60,63 @@ def is_rankcut_dir(path: Path) -> bool:
     return path.is_dir() and (path / "rankcut.json").is_file()
 
 
+#: Files whose ``auto_map`` makes transformers import Python code shipped in the folder.
+CODE_MAP_FILES = ("config.json", "tokenizer_config.json")
+
+#: Weight files a Hugging Face folder may hold (rankcut itself writes only safetensors).
+HF_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+def refuse_remote_code(folder: str | os.PathLike) -> None:
+    """Raise ``RankcutError`` when ``folder`` asks transformers to run its own code.
+
+    A ``config.json`` or ``tokenizer_config.json`` with an ``auto_map`` names classes in
+    ``.py`` files of the folder (or of another hub repository); transformers imports
+    them, i.e. runs them, once a user answers "y" at its prompt. rankcut never does:
+    the files are read here, before any transformers call, and there is no opt-in.
+
+    Example:
+        >>> refuse_remote_code("/nonexistent")  # nothing to read, nothing to refuse
+    """
+    for name in CODE_MAP_FILES:
+        path = Path(folder) / name
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise RankcutError(f"cannot read {path}: {err}") from err
+        auto_map = data.get("auto_map") if isinstance(data, dict) else None
+        if auto_map:
+            key, value = (
+                next(iter(auto_map.items())) if isinstance(auto_map, dict) else ("", auto_map)
+            )
+            entry = f"{key!r}: {value!r}" if key else repr(value)
+            raise RankcutError(
+                f"{path} has an auto_map ({entry}) naming code in the model folder; "
+                "rankcut does not run code from model folders"
+            )
+
+
+def check_hf_weights(folder: str | os.PathLike) -> None:
+    """Raise ``RankcutError`` when the local Hugging Face ``folder`` holds no weight file.
+
+    Example:
+        >>> check_hf_weights("/nonexistent")  # doctest: +SKIP
+        Traceback (most recent call last):
+        rankcut.errors.RankcutError: /nonexistent has config.json but no weights ...
+    """
+    if not any((Path(folder) / name).is_file() for name in HF_WEIGHT_FILES):
+        raise RankcutError(
+            f"{folder} has config.json but no weights (looked for {', '.join(HF_WEIGHT_FILES)})"
+        )
+
+
 def resolve(spec: str) -> tuple[str, str]:
     """Classify ``spec``: returns ``(kind, location)``.
 
@@ -69,15 +127,25 @@ def resolve(spec: str) -> tuple[str, str]:
         path = BUILTIN_MODELS[spec].path()
         if not path.exists():
             raise RankcutError(f"built-in model {spec!r} is missing its files at {path}")
+        if path.suffix != ".gguf":
+            refuse_remote_code(path)
         return ("gguf" if path.suffix == ".gguf" else "hf-dir"), str(path)
     path = Path(spec).expanduser()
     if path.exists():
         if is_rankcut_dir(path):
+            refuse_remote_code(path)
             return "rankcut", str(path)
         if path.is_file() and path.suffix == ".gguf":
             return "gguf", str(path)
         if path.is_dir() and (path / "config.json").is_file():
+            refuse_remote_code(path)
             return "hf-dir", str(path)
+        if path.is_file() and path.suffix == ".safetensors":
+            # Weights alone say nothing of the architecture: the folder is what loads.
+            raise RankcutError(
+                f"{spec!r} is a bare weights file; give the folder that holds it with its "
+                "config.json (a Hugging Face model folder or a rankcut output)"
+            )
         raise RankcutError(
             f"{spec!r} is neither a rankcut output, a Hugging Face model folder "
             "(with config.json) nor a .gguf file"
@@ -106,9 +174,11 @@ def gguf_to_hf_dir(gguf_path: str) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     logger.info("converting %s to a cached fp32 Hugging Face folder (once)", src.name)
-    tokenizer = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
+    tokenizer = AutoTokenizer.from_pretrained(
+        str(src.parent), gguf_file=src.name, trust_remote_code=False
+    )
     quantized = AutoModelForCausalLM.from_pretrained(
-        str(src.parent), gguf_file=src.name, dtype=torch.float32
+        str(src.parent), gguf_file=src.name, dtype=torch.float32, trust_remote_code=False
     )
     # A GGUF-loaded model refuses save_pretrained: rebuild it from a clean config.
     config = quantized.config
@@ -137,16 +207,37 @@ def hf_location(spec: str) -> tuple[str, str]:
     return kind, location
 
 
+def first_line(err: BaseException) -> str:
+    """The first non-empty line of ``err`` (transformers' messages run to paragraphs)."""
+    return next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+
+
 def load_hf_model(location: str, dtype=None):
-    """Load a plain (uncompressed) transformers model from a folder or hub id."""
+    """Load a plain (uncompressed) transformers model from a folder or hub id.
+
+    Never runs code from the folder: ``auto_map`` is refused before transformers reads
+    anything, and every transformers call gets ``trust_remote_code=False``.
+
+    Example:
+        >>> model = load_hf_model("runs/tiny-llama")  # doctest: +SKIP
+    """
     import torch
     from transformers import AutoConfig
 
+    local = Path(location).is_dir()
+    if local:
+        refuse_remote_code(location)
+        check_hf_weights(location)
     try:
-        config = AutoConfig.from_pretrained(location)
-    except OSError as err:
-        raise RankcutError(f"cannot load model {location!r}: {err}") from err
-    return model_class(config).from_pretrained(location, dtype=dtype or torch.float32)
+        config = AutoConfig.from_pretrained(location, trust_remote_code=False)
+    except (OSError, ValueError) as err:
+        raise RankcutError(f"cannot load model {location!r}: {first_line(err)}") from err
+    try:
+        return model_class(config).from_pretrained(
+            location, dtype=dtype or torch.float32, trust_remote_code=False
+        )
+    except (OSError, ValueError, RuntimeError) as err:
+        raise RankcutError(f"cannot load model {location!r}: {first_line(err)}") from err
 
 
 def model_class(config):
