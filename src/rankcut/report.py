@@ -157,15 +157,29 @@ def render(meta: dict, title: str = "rankcut compression report") -> dict[str, s
     return files
 
 
-def write_report(folder: str | Path) -> list[Path]:
-    """Write ``report.md``, ``report.html`` and ``ranks.png`` into a rankcut output folder."""
+def write_report(folder: str | Path, name: str | None = None) -> list[Path]:
+    """Write ``report.md``, ``report.html`` and ``ranks.png`` into a rankcut output folder.
+
+    ``folder`` may be the temporary folder of an output still being written (so the
+    report is renamed into place with the rest); ``name`` is then the output's final
+    name, which the report's title shows (default: ``folder``'s own name).
+
+    Returns:
+        The files written.
+
+    Example:
+        >>> with rankcut.io.atomic_dir("runs/out") as tmp:  # doctest: +SKIP
+        ...     rankcut.save(model, tmp)
+        ...     write_report(tmp, name="out")
+    """
     from .io import read_meta
 
     folder = Path(folder)
     meta = read_meta(folder)
     written = []
-    for name, content in render(meta, f"rankcut report: {folder.name}").items():
-        path = folder / name
+    title = f"rankcut report: {name or folder.name}"
+    for file_name, content in render(meta, title).items():
+        path = folder / file_name
         if isinstance(content, bytes):
             path.write_bytes(content)
         else:

@@ -354,8 +354,11 @@ def _save(result: RunResult, model, tokenizer, overwrite: bool, extra: dict, rec
     from .report import write_report
 
     files = {} if recipe_json is None else {"recipe.json": recipe_json}
-    io.save(model, result.out, tokenizer=tokenizer, overwrite=overwrite, extra=extra, files=files)
-    write_report(result.out)
+    # The report goes into the temporary folder (``save`` nested in ``atomic_dir`` writes
+    # there): one rename publishes both, so no complete folder ever lacks its report.
+    with io.atomic_dir(result.out, overwrite=overwrite) as tmp:
+        io.save(model, tmp, tokenizer=tokenizer, extra=extra, files=files)
+        write_report(tmp, name=Path(result.out).name)
     result.meta = io.read_meta(result.out)
 
 

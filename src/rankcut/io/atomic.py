@@ -1,21 +1,37 @@
 """Atomic writes: a file or a folder appears under its final name only when complete.
 
 Everything rankcut writes goes through here, so that an interrupted run never leaves a
-file or folder that a reader would accept: a temporary sibling (named after the
-process) is written, then renamed into place with ``os.replace``.
+file or folder that a reader would accept: a temporary sibling named after the writing
+process (``.OUT.tmp-<pid>``) is written, then renamed into place with ``os.replace``.
+
+Nothing is left behind either: a run killed with SIGKILL cannot clean up, so before
+every write the siblings of the output left by processes that are gone
+(``.OUT.tmp-<pid>``, ``.OUT.old-<pid>``) are removed (``remove_stale_siblings``). A
+live process's sibling is never touched: another run may be writing it right now.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import shutil
-import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from torch import Tensor
 
 from ..errors import RankcutError
+
+logger = logging.getLogger(__name__)
+
+#: The kinds of temporary sibling: being written, and an old output being removed.
+SIBLING_KINDS = ("tmp", "old")
+
+# Temporary folders that an ``atomic_dir`` of this process is filling right now: an
+# ``atomic_dir`` on one of them writes in place (the outer one commits), see below.
+_ACTIVE: set[Path] = set()
 
 
 def check_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -39,8 +55,72 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Path:
     return out
 
 
-def _tmp_sibling(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+def sibling(path: str | os.PathLike, kind: str = "tmp", pid: int | None = None) -> Path:
+    """The temporary sibling ``.NAME.<kind>-<pid>`` of ``path`` (default: this process).
+
+    Example:
+        >>> sibling("runs/out", "tmp", 42).name
+        '.out.tmp-42'
+    """
+    if kind not in SIBLING_KINDS:
+        raise ValueError(f"kind must be one of {SIBLING_KINDS}, got {kind!r}")
+    path = Path(path)
+    return path.with_name(f".{path.name}.{kind}-{os.getpid() if pid is None else pid}")
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists (signal 0 checks without sending anything).
+
+    Example:
+        >>> process_alive(os.getpid())
+        True
+    """
+    if pid <= 0:
+        return False  # 0 and negatives name process groups, never one writer
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, under another user: not ours to judge dead
+    return True
+
+
+def remove_stale_siblings(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporary siblings of ``path`` whose writing process is gone.
+
+    These are what a killed run leaves: ``.NAME.tmp-<pid>`` (a half-written output) and
+    ``.NAME.old-<pid>`` (an old output being replaced). Siblings of a live process, this
+    one included, are kept: they may be in the middle of being written.
+
+    Returns:
+        The paths removed.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> root = pathlib.Path(tempfile.mkdtemp())
+        >>> (root / ".out.tmp-999999999").mkdir()
+        >>> [p.name for p in remove_stale_siblings(root / "out")]
+        ['.out.tmp-999999999']
+    """
+    path = Path(path)
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(?:{'|'.join(SIBLING_KINDS)})-(\d+)")
+    try:
+        entries = list(path.parent.iterdir())
+    except FileNotFoundError:
+        return []
+    removed = []
+    for entry in sorted(entries):
+        match = pattern.fullmatch(entry.name)
+        if match is None or process_alive(int(match.group(1))):
+            continue
+        logger.info("removing %s, left by a process that is gone", entry)
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -54,7 +134,8 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         '{}'
     """
     path = Path(path)
-    tmp = _tmp_sibling(path)
+    remove_stale_siblings(path)
+    tmp = sibling(path)
     tmp.write_text(text)
     os.replace(tmp, path)
 
@@ -72,7 +153,8 @@ def atomic_save_tensors(tensors: dict[str, Tensor], path: str | os.PathLike) -> 
     from safetensors.torch import save_file
 
     path = Path(path)
-    tmp = _tmp_sibling(path)
+    remove_stale_siblings(path)
+    tmp = sibling(path)
     save_file(tensors, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, path)
 
@@ -80,12 +162,21 @@ def atomic_save_tensors(tensors: dict[str, Tensor], path: str | os.PathLike) -> 
 def replace_dir(src: Path, out: Path) -> None:
     """Move the complete folder ``src`` to ``out``, replacing what is there.
 
-    The old folder is first renamed aside (so ``out`` is never half old, half new), then
-    removed.
+    The old folder is first renamed aside to ``.OUT.old-<pid>`` (so ``out`` is never
+    half old, half new), then removed; if this process dies before that, the next write
+    of ``out`` removes it (``remove_stale_siblings``).
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> root = pathlib.Path(tempfile.mkdtemp())
+        >>> (root / "new").mkdir()
+        >>> replace_dir(root / "new", root / "out")
+        >>> sorted(p.name for p in root.iterdir())
+        ['out']
     """
     old = None
     if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        old = sibling(out, "old")
         os.replace(out, old)
     os.replace(src, out)
     if old is not None:
@@ -93,8 +184,17 @@ def replace_dir(src: Path, out: Path) -> None:
 
 
 @contextmanager
-def atomic_dir(out: str | os.PathLike, overwrite: bool = False):
+def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder that replaces ``out`` only if the block succeeds.
+
+    The folder is the sibling ``.OUT.tmp-<pid>``, made like ``mkdir`` (the umask
+    decides its mode, as for every other folder rankcut writes); stale siblings of
+    ``out`` left by killed runs are removed first.
+
+    Nested on its own temporary folder (``atomic_dir(tmp)`` inside ``atomic_dir(out)``,
+    e.g. ``rankcut.save(model, tmp)``), it writes in place and the outer block commits:
+    whatever the outer block adds afterwards (a report) is renamed into place in the
+    same step, so a complete ``out`` always has it.
 
     Raises:
         RankcutError: if ``out`` exists, is not empty, and ``overwrite`` is False.
@@ -108,11 +208,24 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False):
         'done'
     """
     out = check_output_dir(out, overwrite)
+    if out in _ACTIVE:
+        yield out  # the enclosing atomic_dir owns the rename (and the clean-up on failure)
+        return
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    remove_stale_siblings(out)
+    tmp = sibling(out)
+    if tmp in _ACTIVE:
+        raise RankcutError(f"{out} is already being written by this process")
+    # Our own name can only exist if a dead process had our PID (this process's own
+    # temporary folders are removed on failure): it is stale.
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    _ACTIVE.add(tmp)
     try:
         yield tmp
         replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        _ACTIVE.discard(tmp)

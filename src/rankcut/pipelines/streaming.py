@@ -14,7 +14,10 @@ run: their tensors are copied shard by shard at the end.
 Resuming: a work folder holds ``state.json`` (which blocks are finished, and a
 fingerprint of the inputs) and the activations after the last finished block, all
 written atomically (temporary name, then ``os.replace``). Running the same command
-again continues after the last finished block; a run whose inputs changed refuses.
+again continues after the last finished block; a run whose inputs changed refuses,
+unless ``overwrite`` is set: then the stale partial output is discarded and the run
+starts afresh. The partial folder is the resume point, so a failed run keeps it; the
+report is written into it before the final rename, so a complete output has its report.
 
 Ranks must be known before the first block is loaded, so only allocators that need no
 data (``uniform``, plus ``rank_pattern`` overrides) are supported here; methods that
@@ -55,6 +58,7 @@ from ..io import (
     build_meta,
     replace_dir,
 )
+from ..io.atomic import remove_stale_siblings
 from ..io.checkpoint import swap_parameters
 from ..layers import LAYER_TYPES, dense_weight, factorized_modules
 from ..models.structure import replace_module
@@ -251,6 +255,8 @@ class StreamJob:
         extra: more ``rankcut.json`` entries; ``files``: more text files for the output.
         dist: the process group, or ``None`` for one process.
         start: ``time.perf_counter()`` when the entry point started.
+        overwrite: a partial output whose inputs differ is discarded (else: refused).
+        report: write ``report.md`` / ``report.html`` / ``ranks.png`` into the output.
     """
 
     reader: CheckpointReader
@@ -264,6 +270,8 @@ class StreamJob:
     files: dict[str, str] = field(default_factory=dict)
     dist: Dist | None = None
     start: float = field(default_factory=time.perf_counter)
+    overwrite: bool = False
+    report: bool = True
 
 
 @register_pipeline(
@@ -305,17 +313,23 @@ def run_streaming(model, plan, calibration, *, progress=True, job: StreamJob) ->
     if state_path.is_file():
         old = json.loads(state_path.read_text())
         diff = _differences(old.get("fingerprint", {}), fingerprint)
-        if diff:
+        if diff and not job.overwrite:
             raise RankcutError(
                 f"cannot resume from {work}: the inputs changed ({'; '.join(diff[:4])}). "
-                f"Remove {work} (and {partial}) to start afresh"
+                f"Remove {work} (and {partial}) or use --overwrite to start afresh"
             )
-        state = old
-        logger.info("resuming after block %d of %d", state["done"] + 1, len(blocks))
+        if diff:
+            logger.warning("discarding %s: its inputs differ (%s)", partial, "; ".join(diff[:4]))
+        else:
+            state = old
+            logger.info("resuming after block %d of %d", state["done"] + 1, len(blocks))
     _barrier(dist)
     if main:
-        if state["done"] < 0:
+        # What killed runs left beside the output (never a live run's, never .partial).
+        remove_stale_siblings(out)
+        if state["done"] < 0:  # a fresh start: nothing stale may end up in the output
             shutil.rmtree(partial, ignore_errors=True)
+            shutil.rmtree(work, ignore_errors=True)
         partial.mkdir(parents=True, exist_ok=True)
         work.mkdir(parents=True, exist_ok=True)
         atomic_write_text(state_path, json.dumps(state, indent=1))
@@ -480,6 +494,11 @@ def run_streaming(model, plan, calibration, *, progress=True, job: StreamJob) ->
     (partial / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     (partial / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     shutil.rmtree(work, ignore_errors=True)
+    if job.report:
+        from ..report import write_report
+
+        # Inside the partial folder: the rename below publishes the report with the rest.
+        write_report(partial, name=out.name)
     replace_dir(partial, out)
     _barrier(dist)
     return meta
