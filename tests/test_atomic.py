@@ -78,15 +78,15 @@ def write(mode: str, out: Path, ckpt: str | None = None, overwrite: bool = False
 
     config = SvdLlmConfig(ratio=0.4, pipeline="sequential", allocation="uniform")
     if mode == "stream":
-        stream_compress(ckpt, config, calib(), out, progress=False, overwrite=overwrite)
+        stream_compress(ckpt, config, calib(4, 16), out, progress=False, overwrite=overwrite)
         return
     import rankcut
 
     from .conftest import tiny_llama
 
     model = tiny_llama()
-    rankcut.compress(model, config, calib(), progress=False)
-    extra = {"source_model": "tiny", "calibration": {"data": "random", "samples": 6}}
+    rankcut.compress(model, config, calib(4, 16), progress=False)
+    extra = {"source_model": "tiny", "calibration": {"data": "random", "samples": 4}}
     _save(RunResult(out, None), model, None, overwrite, extra, '{"recipe": 1}\n')
 
 
@@ -161,7 +161,7 @@ def test_killed_save_then_rerun_leaves_nothing_and_same_bytes(tmp_path, saved_re
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
-    return save_checkpoint(tmp_path_factory.mktemp("ckpt"))
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt"), layers=2)
 
 
 @pytest.fixture(scope="module")
