@@ -231,7 +231,8 @@ def _check_tensors(model: nn.Module, meta: dict, reader: CheckpointReader) -> No
     ``config.json``) is one line naming the entry, not a torch size-mismatch traceback.
     """
     tied = meta.get("tied", {})
-    where = WEIGHTS_FILE if reader.files and len(set(reader.files.values())) == 1 else "checkpoint"
+    files = set(reader.files.values())
+    where = next(iter(files)).name if len(files) == 1 else "the checkpoint's shards"
     expected = {n: tuple(t.shape) for n, t in model.state_dict().items() if n not in tied}
     unexpected = sorted(set(reader.shapes) - set(expected))
     if unexpected:
