@@ -274,9 +274,6 @@ def test_streaming_equals_in_memory_where_rank_multiple_applies(tmp_path):
         torch.testing.assert_close(got(input_ids=x).logits, ref(input_ids=x).logits)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="stream_compress does not pass overwrite to StreamJob yet (issue 15)"
-)
 def test_overwrite_discards_a_stale_partial(tmp_path, sharded, monkeypatch):
     x = calib()
     old = SvdLlmConfig(ratio=0.4, pipeline="sequential", allocation="uniform")

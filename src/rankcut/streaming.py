@@ -65,7 +65,7 @@ def stream_compress(
         device: where each block is loaded and compressed.
         work_dir: where the state and activations go (default ``.OUT.partial/work``).
         activation_limit_mb: streams larger than this are read back from disk.
-        overwrite: replace a non-empty ``out``.
+        overwrite: replace a non-empty ``out``; discard a partial output whose inputs differ.
         extra: more entries for ``rankcut.json``; ``files``: more text files for ``out``.
         reader: a ready ``CheckpointReader`` of ``folder`` (default: a new one).
         progress: show progress bars.
@@ -109,5 +109,6 @@ def stream_compress(
         files=dict(files or {}),
         dist=dist or Dist.current(),
         start=start,
+        overwrite=overwrite,
     )
     return PIPELINES["streaming"].run(model, plan, calibration, progress=progress, job=job)
