@@ -206,7 +206,15 @@ def apply_rank_overrides(config, ranks, shapes, tied) -> list[str]:
     return sorted(tied | {n for n, r in ranks.items() if not saves_params(*shapes[n], r)})
 
 
-def check_saves_something(config, tied: set[str], kept: list[str], shapes) -> None:
+def _default_target_kinds(model: nn.Module) -> list[str]:
+    """Last name parts of the linears targeted by default (what a user can target)."""
+    try:
+        return sorted({name.rsplit(".", 1)[-1] for name in find_targets(model)})
+    except RankcutError:  # a model with no default targets: nothing to suggest
+        return []
+
+
+def check_saves_something(config, tied: set[str], kept: list[str], shapes, model=None) -> None:
     """A ``RankcutError`` when every target stays dense: the run would remove nothing.
 
     Tied weights (factorizing would untie them and grow the model) and matrices whose
@@ -221,9 +229,10 @@ def check_saves_something(config, tied: set[str], kept: list[str], shapes) -> No
     dense = sorted(n for n in kept if n not in tied)
     if dense:
         reasons.append(f"at their ranks these save no parameters: {dense}")
+    kinds = _default_target_kinds(model) if model is not None else []
+    hint = f"the model's other linears: {', '.join(kinds)}" if kinds else "other linears"
     raise RankcutError(
-        f"targets {config.targets} can save no parameters: {'; '.join(reasons)}; "
-        "target other linears (e.g. --targets mlp self_attn)"
+        f"targets {config.targets} can save no parameters: {'; '.join(reasons)}; target {hint}"
     )
 
 
@@ -385,7 +394,7 @@ def make_plan(
     # Refusals that need only the structure, before any statistics are gathered.
     check_rank_pattern(config, shapes)
     if not modules:
-        check_saves_something(config, tied, sorted(tied), shapes)
+        check_saves_something(config, tied, sorted(tied), shapes, model)
     if runner.in_memory:
         check_finite_weights(modules)
 
@@ -405,7 +414,7 @@ def make_plan(
     ranks = allocate(config.allocation, inp) if modules else {}
     phases["allocation"] = time.perf_counter() - start - phases["statistics"]
     kept = apply_rank_overrides(config, ranks, shapes, tied)
-    check_saves_something(config, tied, kept, shapes)
+    check_saves_something(config, tied, kept, shapes, model)
     todo = {n: m for n, m in modules.items() if n not in kept}
     # Only the whole pipeline factorizes from the whole-model statistics; free them
     # otherwise before the per-block passes.
