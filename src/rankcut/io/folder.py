@@ -179,13 +179,17 @@ def _is_float_dtype(dtype) -> bool:
 
 
 def _valid_layer_entry(spec) -> bool:
-    """A registered type, positive ``int`` sizes and structure fields, a ``bool`` bias."""
+    """A registered type, positive ``int`` sizes, ``int >= 0`` structure fields (a flag
+    such as ``SparseDenseLinear.group`` may be 0), a ``bool`` bias."""
     if not isinstance(spec, dict) or spec.get("type") not in LAYER_TYPES:
         return False
-    fields = ("in_features", "out_features", "rank", *LAYER_TYPES[spec["type"]].structure_fields)
-    # bool is an int subclass: true/false is not a size.
-    sizes = [spec.get(key) for key in fields]
-    ok = all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sizes)
+
+    def whole(v) -> bool:  # bool is an int subclass: true/false is not a size
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    sizes = [spec.get(key) for key in ("in_features", "out_features", "rank")]
+    fields = [spec.get(key) for key in LAYER_TYPES[spec["type"]].structure_fields]
+    ok = all(whole(v) and v > 0 for v in sizes) and all(whole(v) and v >= 0 for v in fields)
     return ok and isinstance(spec.get("bias", False), bool)
 
 
