@@ -19,7 +19,6 @@ import dataclasses
 import json
 import logging
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,32 +96,6 @@ def resolve_device(name: str | None) -> str:
 
 #: Config fields in which Hugging Face configs declare the longest sequence a model takes.
 _POSITION_FIELDS = ("max_position_embeddings", "n_positions")
-
-
-def check_writable(out: str | os.PathLike) -> None:
-    """A ``RankcutError`` unless a folder can be created at ``out``; nothing is left behind.
-
-    Checked before any model is loaded, so that an unwritable ``--out`` (``/proc/x``, a
-    path under an existing file, a read-only disk) fails in a second, not after hours of
-    compression. A temporary folder is made and removed in the nearest existing
-    ancestor, which is where the save creates its own temporary sibling.
-
-    Example:
-        >>> check_writable("runs/new-folder")
-    """
-    out = Path(out).expanduser().absolute()
-    parent = out.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise RankcutError(f"cannot create output folder {out}: {parent} is a file")
-    try:
-        probe = tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=parent)
-        os.rmdir(probe)
-    except OSError as err:
-        raise RankcutError(
-            f"cannot write output folder {out}: {err.strerror or err} in {parent}"
-        ) from None
 
 
 def declared_positions(model: str | os.PathLike | nn.Module) -> int | None:
@@ -237,8 +210,7 @@ def run(recipe: CompressRecipe, *, overwrite: bool = False, progress: bool = Tru
         recipe.recovery_config()  # a bad recovery option fails now, not after compressing
     spec = get_method(recipe.method)
     out = recipe.output_dir()
-    io.check_output_dir(out, overwrite)  # fail before any heavy work
-    check_writable(out)
+    io.check_output_dir(out, overwrite)  # fail before any heavy work (writability too)
     device = resolve_device(recipe.device)
     torch.manual_seed(recipe.seed)
     resolve(recipe.model)  # a clear error for bad paths/aliases before loading
@@ -515,7 +487,8 @@ def finetune_folder(
     in_place = out.resolve() == Path(location).resolve()
     if not in_place:
         io.check_output_dir(out, overwrite)
-    check_writable(out)
+    else:
+        io.check_writable(out)  # the in-place rewrite goes through a temporary sibling too
     check_seq_len(folder, opts.train_seq_len, "--train-seq-len")
     if opts.eval_data:
         check_seq_len(folder, opts.eval_seq_len, "--seq-len")

@@ -24,7 +24,6 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .. import io
-    from ..runner import check_writable
 
     if not args.merge:
         raise ConfigError(
@@ -39,7 +38,6 @@ def cmd_export(args: argparse.Namespace) -> int:
             f"--out {args.out} is the input folder {args.model} or overlaps it; name another folder"
         )
     io.check_output_dir(args.out, args.overwrite)
-    check_writable(args.out)
     out = io.export_merged(args.model, args.out, overwrite=args.overwrite)
     print(f"saved a dense Hugging Face checkpoint to {out}")
     return 0

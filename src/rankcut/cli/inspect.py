@@ -34,7 +34,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from .. import io
     from ..analysis import format_table, inspect_model, write_inspect
     from ..rank.budget import check_ratio
-    from ..runner import check_seq_len, check_writable, resolve_device
+    from ..runner import check_seq_len, resolve_device
     from .common import resolve_seq_len
 
     for ratio in args.ratios:
@@ -43,7 +43,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         raise ConfigError(f"--samples must be at least 1, got {args.samples}")
     if args.out:  # before any work: a spectrum of a large model takes a while
         io.check_output_dir(args.out, args.overwrite)
-        check_writable(args.out)
     device = resolve_device(args.device)
     io.hf_location(args.model)
     calib = None

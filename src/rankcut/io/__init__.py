@@ -11,6 +11,7 @@ from .atomic import (
     atomic_save_tensors,
     atomic_write_text,
     check_output_dir,
+    check_writable,
     replace_dir,
 )
 from .checkpoint import (
@@ -51,6 +52,7 @@ __all__ = [
     "build_meta",
     "build_skeleton",
     "check_output_dir",
+    "check_writable",
     "export_merged",
     "hf_location",
     "is_safetensors_dir",

@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -52,7 +53,37 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Path:
         raise RankcutError(f"output path exists and is not a folder: {out}")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise RankcutError(f"output folder {out} exists and is not empty (use --overwrite)")
+    check_writable(out)
     return out
+
+
+def check_writable(out: str | os.PathLike) -> None:
+    """A ``RankcutError`` unless a folder can be created at ``out``; nothing is left behind.
+
+    Checked before any model is loaded, so that an unwritable ``--out`` (``/proc/x``, a
+    path under an existing file, a read-only disk) fails in a second, not after hours of
+    compression. A temporary folder is made and removed in the nearest existing
+    ancestor, which is where the save creates its own temporary sibling.
+
+    ``check_output_dir`` runs it; an in-place rewrite (``finetune`` without ``--out``)
+    calls it alone.
+
+    Example:
+        >>> check_writable("runs/new-folder")
+    """
+    out = Path(out).expanduser().absolute()
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise RankcutError(f"cannot create output folder {out}: {parent} is a file")
+    try:
+        probe = tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=parent)
+        os.rmdir(probe)
+    except OSError as err:
+        raise RankcutError(
+            f"cannot write output folder {out}: {err.strerror or err} in {parent}"
+        ) from None
 
 
 def sibling(path: str | os.PathLike, kind: str = "tmp", pid: int | None = None) -> Path:
