@@ -1,0 +1,1 @@
+"""Placeholder: filled in by the training-methods work (issue 17)."""
