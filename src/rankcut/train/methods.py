@@ -132,7 +132,6 @@ def train_method(name: str) -> TrainMethod:
 register_train_method("dense")(TrainMethod)
 
 # Registration of the other methods (each module registers its own).
-from . import lowrank_methods  # noqa: E402,F401
-from . import galore_method  # noqa: E402,F401
+from . import galore_method, lowrank_methods  # noqa: E402,F401
 
 __all__ = ["TRAIN_METHODS", "TrainMethod", "TrainSetup", "register_train_method", "train_method"]
