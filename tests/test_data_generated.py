@@ -12,6 +12,12 @@ from rankcut.errors import RankcutError
 from .conftest import tiny_bert, tiny_llama
 
 
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    """Windows sampled here are cached in a folder of the test's own, not the user's."""
+    monkeypatch.setenv("RANKCUT_CACHE", str(tmp_path / "cache"))
+
+
 def test_generated_windows_shape_start_and_seed(tiny_tokenizer):
     model = tiny_llama(len(tiny_tokenizer))
     state = torch.random.get_rng_state()

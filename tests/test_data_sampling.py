@@ -22,6 +22,12 @@ from rankcut.errors import RankcutError
 from .conftest import tiny_llama
 
 
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    """Windows sampled here are cached in a folder of the test's own, not the user's."""
+    monkeypatch.setenv("RANKCUT_CACHE", str(tmp_path / "cache"))
+
+
 @torch.no_grad()
 def generate_reference(model, tokenizer, samples, seq_len, seed, batch_size, temperature=1.0):
     """The calibration sampler before the one loop: transformers' ``generate``, seeded

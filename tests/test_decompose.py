@@ -217,3 +217,56 @@ def test_all_finite(dtype):
     u = t.clone()
     u[0, 0], u[1, 1] = float("inf"), -float("inf")  # inf - inf: NaN, still caught
     assert not all_finite(u)
+
+
+@pytest.fixture
+def two_threads():
+    """Run with two intra-op threads (the tests run with OMP_NUM_THREADS=1), restored."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_small_decompositions_run_on_one_thread_and_restore_it(two_threads):
+    from rankcut.decompose.threads import SMALL_DECOMPOSITION, small_on_one_thread, threads_for
+
+    seen = []
+
+    @small_on_one_thread
+    def probe(x):
+        seen.append(torch.get_num_threads())
+        return x
+
+    probe(torch.zeros(4, 4))
+    probe(torch.zeros(2, SMALL_DECOMPOSITION + 1))  # large: left alone
+    assert seen == [1, 2] and torch.get_num_threads() == 2
+    with pytest.raises(ValueError), threads_for(8):
+        assert torch.get_num_threads() == 1
+        raise ValueError("the count is restored on errors too")
+    assert torch.get_num_threads() == 2
+    with threads_for(8, device="meta"):  # not the CPU's threads
+        assert torch.get_num_threads() == 2
+
+
+def test_single_thread_results_equal_the_multithreaded_ones(two_threads):
+    """The same factors whichever thread count computes them (to float64 rounding)."""
+    from rankcut.decompose import threads
+
+    x = rand(200, 48, seed=3)
+    w = rand(40, 48, seed=4)
+    chol = psd_cholesky(x.T @ x)
+    one = whitened_factors(w, chol, 12)
+    spectrum = whitened_spectrum(w, chol)
+    assert torch.get_num_threads() == 2
+    limit = threads.SMALL_DECOMPOSITION
+    try:
+        threads.SMALL_DECOMPOSITION = 0  # now nothing is small: two threads throughout
+        chol2 = psd_cholesky(x.T @ x)
+        two = whitened_factors(w, chol2, 12)
+        spectrum2 = whitened_spectrum(w, chol2)
+    finally:
+        threads.SMALL_DECOMPOSITION = limit
+    torch.testing.assert_close(chol, chol2, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(one[0] @ one[1], two[0] @ two[1], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(spectrum, spectrum2, rtol=1e-12, atol=1e-12)

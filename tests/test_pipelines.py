@@ -351,3 +351,50 @@ def test_refit_at_full_rank_is_the_least_squares_map():
         assert float(torch.linalg.norm(a @ got.T - b)) <= 1.0001 * float(
             torch.linalg.norm(a @ expected.T - b)
         )
+
+
+def _block_runs(model):
+    """Count the completed runs of each decoder block (a pass stopped early at a
+    module's input does not complete the block, so it is not counted)."""
+    runs = {}
+    for name, block in rankcut.models.find_decoder_layers(model):
+        runs[name] = 0
+
+        def hook(mod, args, out, name=name):
+            runs[name] += 1
+
+        block.register_forward_hook(hook)
+    return runs
+
+
+def test_sequential_runs_each_block_no_more_than_needed():
+    """Per block and batch: one dense run (its outputs and the stages' dense inputs) and
+    one run of the compressed block (the next block's inputs; none after the last)."""
+    x = calib(n=12)  # three batches of four windows
+    model = tiny_llama(num_hidden_layers=3)
+    runs = _block_runs(model)
+    config = SvdLlmConfig(ratio=0.4, pipeline="sequential")
+    targets = find_targets(model)
+    ranks = {n: 8 for n in targets}
+    run_sequential(model, targets, ranks, METHODS["svd-llm"], config, x, progress=False)
+    assert list(runs.values()) == [6, 6, 3]
+
+
+def test_fused_statistics_pass_changes_nothing(monkeypatch):
+    """Cross products gathered beside the Gram (and the first stage's taken from it)
+    give exactly what their own passes after the Gram gave."""
+    import rankcut.pipelines.sequential as sequential
+
+    x = calib(n=8)
+    models = {}
+    for fused in (True, False):
+        monkeypatch.setattr(sequential, "FUSED_CROSS_BYTES", 512 * 2**20 if fused else -1)
+        model = tiny_llama()
+        targets = find_targets(model)
+        ranks = {n: 8 for n in targets}
+        config = SvdLlmConfig(pipeline="sequential")
+        run_sequential(model, targets, ranks, METHODS["svd-llm"], config, x, progress=False)
+        models[fused] = products(model)
+    assert models[True].keys() == models[False].keys()
+    for n in models[True]:
+        torch.testing.assert_close(models[True][n], models[False][n], rtol=0, atol=0)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .threads import small_on_one_thread
+
 
 def leverage_scores(vectors: Tensor) -> Tensor:
     """Row leverage scores of a matrix with orthonormal columns: squared row norms."""
@@ -46,6 +48,7 @@ def energy_rank(s: Tensor, energy: float) -> int:
     return max(1, min(int(torch.searchsorted(cum, target)) + 1, s.numel()))
 
 
+@small_on_one_thread
 def cur_decomposition(
     weight: Tensor,
     chol: Tensor,

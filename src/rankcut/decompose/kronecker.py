@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .threads import threads_for
+
 
 def rearrange(matrix: Tensor, m1: int, n1: int) -> Tensor:
     """Van Loan's ``R(W)``: ``(m1 m2, n1 n2) -> (m1 n1, m2 n2)``."""
@@ -73,7 +75,9 @@ def kronecker_svd(matrix: Tensor, m1: int, n1: int) -> tuple[Tensor, Tensor, Ten
     """
     m, n = matrix.shape
     m2, n2 = m // m1, n // n1
-    u, s, vh = torch.linalg.svd(rearrange(matrix.to(torch.float64), m1, n1), full_matrices=False)
+    r = rearrange(matrix.to(torch.float64), m1, n1)
+    with threads_for(max(r.shape), r.device):
+        u, s, vh = torch.linalg.svd(r, full_matrices=False)
     root = s.sqrt()
     a = (u * root).T.reshape(-1, m1, n1)
     b = (vh * root[:, None]).reshape(-1, m2, n2)

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from .svd import truncated_svd
+from .threads import small_on_one_thread, threads_for
 
 
 def _lowrank_whitened(target: Tensor, chol: Tensor, rank: int) -> tuple[Tensor, Tensor]:
@@ -55,19 +56,22 @@ def sparse_residual(residual: Tensor, gram: Tensor, nnz: int) -> tuple[Tensor, T
     values = torch.zeros(nnz, dtype=residual.dtype, device=residual.device)
     counts = torch.bincount(rows, minlength=m).tolist()
     start = 0
-    for i, c in enumerate(counts):
-        if c:
-            idx = cols[start : start + c]
-            sub = gram[idx][:, idx]
-            rhs = rg[i, idx]
-            try:
-                values[start : start + c] = torch.linalg.solve(sub, rhs)
-            except RuntimeError:  # singular sub-Gram (dead channels): least norm
-                values[start : start + c] = torch.linalg.lstsq(sub, rhs[:, None]).solution[:, 0]
-            start += c
+    # One small solve per row: on one thread unless the rows' systems are large.
+    with threads_for(max(counts, default=0), gram.device):
+        for i, c in enumerate(counts):
+            if c:
+                idx = cols[start : start + c]
+                sub = gram[idx][:, idx]
+                rhs = rg[i, idx]
+                try:
+                    values[start : start + c] = torch.linalg.solve(sub, rhs)
+                except RuntimeError:  # singular sub-Gram (dead channels): least norm
+                    values[start : start + c] = torch.linalg.lstsq(sub, rhs[:, None]).solution[:, 0]
+                start += c
     return rows, cols, values
 
 
+@small_on_one_thread
 def sparse_plus_lowrank(
     weight: Tensor, chol: Tensor, rank: int, nnz: int, iters: int = 2
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -157,6 +161,7 @@ def _residual(a: Tensor, c: Tensor, d: Tensor) -> float:
     return float(((a - c @ d) ** 2).sum())
 
 
+@small_on_one_thread
 def sparse_dense_factors(
     weight: Tensor,
     chol: Tensor,

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .threads import small_on_one_thread
+
 
 def all_finite(t: Tensor) -> bool:
     """No NaN or inf in ``t``, checked through its float64 sum (NaN and inf propagate).
@@ -36,6 +38,7 @@ def check_rank(weight: Tensor, rank: int) -> None:
 GRAM_ROUTE_MIN_RATIO = 1e-4
 
 
+@small_on_one_thread
 def truncated_svd(matrix: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
     """Leading ``rank`` singular triplets of ``matrix``, computed in float64.
 

@@ -15,10 +15,12 @@ import torch
 from torch import Tensor
 
 from .svd import all_finite, split_factors, truncated_svd
+from .threads import small_on_one_thread
 
 logger = logging.getLogger(__name__)
 
 
+@small_on_one_thread
 def psd_cholesky(gram: Tensor, eps: float = 1e-6, name: str = "") -> Tensor:
     """Lower Cholesky factor of a symmetric PSD matrix, computed in float64.
 
@@ -69,11 +71,13 @@ def psd_cholesky(gram: Tensor, eps: float = 1e-6, name: str = "") -> Tensor:
         diagonal.copy_(saved)
 
 
+@small_on_one_thread
 def whitened_spectrum(weight: Tensor, chol: Tensor) -> Tensor:
     """Singular values of ``W S``: ``s_i^2`` is the output error added by dropping ``i``."""
     return torch.linalg.svdvals(weight.to(torch.float64) @ chol)
 
 
+@small_on_one_thread
 def whitened_factors(weight: Tensor, chol: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     """Rank-``rank`` minimizer of ``||(W - W') S||_F``: ``W' = [W S]_r S^-1``.
 

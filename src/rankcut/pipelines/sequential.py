@@ -24,6 +24,7 @@ from ..calibrate import HookManager, InputStats, LayerStats, collect_layer_stats
 from ..calibrate.sequential import capture_block_inputs, module_input, run_block
 from ..calibrate.stats import DEFAULT_EPS, add_gram
 from ..decompose import all_finite
+from ..decompose.threads import threads_for
 from ..errors import RankcutError
 from ..layers import dense_weight
 from ..models import find_decoder_layers
@@ -31,6 +32,24 @@ from .common import factorize_into
 from .registry import AUTO, register_pipeline
 
 logger = logging.getLogger(__name__)
+
+
+def _group_stages(order: list[tuple[str, Tensor]], modules) -> list[list[str]]:
+    """Modules grouped by the input tensor they were called with (the very same object:
+    q/k/v, gate/up), in the order of ``order``, ``(name, input)`` per call."""
+    stages: list[tuple[Tensor, list[str]]] = []
+    for name, x in order:
+        for seen_x, stage in stages:
+            if seen_x is x:
+                stage.append(name)
+                break
+        else:
+            stages.append((x, [name]))
+    groups = [stage for _, stage in stages]
+    missing = set(modules) - {n for s in groups for n in s}
+    if missing:
+        raise RankcutError(f"modules never called by their block: {sorted(missing)}")
+    return groups
 
 
 def _stages(block: nn.Module, modules: dict[str, nn.Module], first) -> list[list[str]]:
@@ -47,19 +66,7 @@ def _stages(block: nn.Module, modules: dict[str, nn.Module], first) -> list[list
         for name, module in modules.items():
             hooks.forward(module, hook_for(name))
         run_block(block, first)
-    stages: list[tuple[Tensor, list[str]]] = []
-    for name, x in order:
-        for seen_x, stage in stages:
-            if seen_x is x:
-                stage.append(name)
-                break
-        else:
-            stages.append((x, [name]))
-    stages = [stage for _, stage in stages]
-    missing = set(modules) - {n for s in stages for n in s}
-    if missing:
-        raise RankcutError(f"modules never called by their block: {sorted(missing)}")
-    return stages
+    return _group_stages(order, modules)
 
 
 def _refit_target(rhs: Tensor, inputs: InputStats, name: str) -> Tensor:
@@ -74,74 +81,136 @@ def _refit_target(rhs: Tensor, inputs: InputStats, name: str) -> Tensor:
     # (SVD-LLM's default) reuses it instead of holding a second (in, in) matrix.
     chol = inputs.cholesky(name=name)
     # Two triangular solves, the second in place: cholesky_solve would copy the (in, in)
-    # factor into LAPACK's column-major layout (0.24 GB for a 5504-wide input).
-    y = torch.linalg.solve_triangular(chol, rhs, upper=False)
-    del rhs
-    return torch.linalg.solve_triangular(chol.T, y, upper=True, out=y).T
+    # factor into LAPACK's column-major layout (0.24 GB for a 5504-wide input). float64:
+    # the solves amplify errors in ``rhs`` by up to the Gram's condition number.
+    with threads_for(max(rhs.shape), rhs.device):
+        y = torch.linalg.solve_triangular(chol, rhs, upper=False)
+        del rhs
+        return torch.linalg.solve_triangular(chol.T, y, upper=True, out=y).T
 
 
-def _stage_stats(block, stage, stage_mods, comp, needs_gram, needs_abs):
-    """Statistics of one stage's shared input ``X'`` (compressed stream), each pass
-    stopped at that input. Returns ``{name: InputStats}`` (one object for the stage)."""
+#: The refit's cross products of a stage are accumulated in the same pass over the
+#: compressed stream as its Gram matrix while they take at most this many bytes (float64);
+#: larger ones wait until the Gram is factored and dropped, and take a second pass (a
+#: block run) so that only one of the two large matrices is alive at a time.
+FUSED_CROSS_BYTES = 512 * 2**20
+
+
+class _Cross:
+    """The refit's cross products for one stage, compressed-stream inputs ``X'`` against
+    the dense model's ``X``: ``{name_j: X'^T X W_j^T}`` (``(in, out_j)``) when the stage's
+    outputs are narrower than its input (``down_proj``: 5504 in, 2048 out), else
+    ``{"": C = X'^T X}`` (``(in, in)``, to be multiplied by each ``W_j^T``): whichever
+    holds fewer numbers.
+
+    float64 sums of float32 products per batch, as the Gram's: ``_refit_target`` solves
+    against the Gram's Cholesky factor, which amplifies errors in ``C`` by up to the
+    Gram's condition number (large for transformer activations: outlier channels).
+    """
+
+    def __init__(self, stage_mods: dict[str, nn.Module], in_features: int) -> None:
+        self.in_features = in_features
+        self.weights = {n: dense_weight(m).detach() for n, m in stage_mods.items()}
+        self.direct = sum(w.shape[0] for w in self.weights.values()) < in_features
+        self.acc: dict[str, Tensor] = {}
+
+    @property
+    def nbytes(self) -> int:
+        width = sum(w.shape[0] for w in self.weights.values()) if self.direct else None
+        return 8 * self.in_features * (width or self.in_features)
+
+    def add(self, xc: Tensor, xd: Tensor) -> None:
+        """Add one batch: ``xc`` the compressed stream's stage inputs, ``xd`` the dense's."""
+        xc = xc.reshape(-1, self.in_features).float()
+        xd = xd.reshape(-1, self.in_features).float()
+        if self.direct:
+            pairs = {n: xd @ w.float().T for n, w in self.weights.items()}
+        else:
+            pairs = {"": xd}
+        for n, b in pairs.items():
+            if n not in self.acc:
+                self.acc[n] = xc.new_zeros((self.in_features, b.shape[1]), dtype=torch.float64)
+            add_gram(self.acc[n], xc, b)
+        del pairs
+
+    def result(self, label) -> dict[str, Tensor]:
+        for n, t in self.acc.items():
+            if not all_finite(t):
+                raise RankcutError(f"non-finite cross product for {n or label}: overflow")
+        acc, self.acc, self.weights = self.acc, {}, {}
+        return acc
+
+
+def _stage_pass(block, stage, stage_mods, comp, needs_gram, needs_abs, dense_inputs=None):
+    """One pass over the compressed stream ``comp``, each run stopped at the stage's
+    shared input ``X'``: its statistics, and with ``dense_inputs`` (the dense stream's
+    inputs to the stage, batch by batch) the refit's cross products in the same pass.
+
+    Returns ``({name: InputStats}`` (one object for the stage)``, _Cross or None)``.
+    """
     first = stage[0]
     module = stage_mods[first]
     in_features = dense_weight(module).shape[1]
     stats = InputStats(in_features, want_gram=needs_gram, want_abs=needs_abs)
-    for bc in comp:
+    cross = _Cross(stage_mods, in_features) if dense_inputs is not None else None
+    pairs = zip(comp, dense_inputs, strict=True) if cross is not None else ((b, None) for b in comp)
+    for bc, xd in pairs:
         xc = module_input(lambda bc=bc: run_block(block, bc), module)
         stats.update(xc.reshape(-1, in_features))
+        if cross is not None:
+            cross.add(xc, xd)
+        del xc, xd
     stats.check_finite(first)
-    return {n: stats for n in stage}
+    return {n: stats for n in stage}, cross
 
 
-def _dense_pass(block, firsts: dict[str, nn.Module], dense, spill) -> tuple[dict, list[Tensor]]:
-    """One pass of the still-dense ``block`` over the dense stream: the input of each
-    stage (``firsts``: its first module) and the block's outputs, batch by batch.
+def _dense_pass(
+    block, modules: dict[str, nn.Module], dense, spill
+) -> tuple[list[list[str]], dict, list[Tensor]]:
+    """One pass of the still-dense ``block`` over the dense stream: the block's stages
+    (read from the calls of its first batch, as ``_stages`` does), the input of each
+    stage (its first module's) and the block's outputs, batch by batch.
 
     Keeping these activations replaces a dense copy of the block: each dense weight is
-    needed only until its own module is factorized.
+    needed only until its own module is factorized. Reading the stages here saves the
+    extra block run that ``_stages`` takes.
     """
-    captured = {name: spill(name) for name in firsts}
+    calls: list[tuple[str, Tensor]] = []
 
     def hook_for(name):
         def hook(module, args):
-            captured[name].append(args[0].detach())
+            calls.append((name, args[0]))
 
         return hook
 
+    stages: list[list[str]] | None = None
+    captured: dict = {}
     outputs = []
     with HookManager() as hooks:
-        for name, module in firsts.items():
+        for name, module in modules.items():
             hooks.forward_pre(module, hook_for(name))
         for bd in dense:
             outputs.append(run_block(block, bd))
-    return captured, outputs
+            if stages is None:
+                stages = _group_stages(calls, modules)
+                captured = {stage[0]: spill(stage[0]) for stage in stages}
+            for name, x in calls:
+                if name in captured:
+                    captured[name].append(x.detach())
+            calls.clear()
+    if stages is None:
+        raise RankcutError("the sequential pipeline got no calibration batches")
+    return stages, captured, outputs
 
 
 def _stage_cross(block, module, stage_mods, comp, dense_inputs) -> dict[str, Tensor]:
-    """The refit's cross products for one stage, compressed-stream inputs ``X'`` against
-    the dense model's: ``{name_j: X'^T X W_j^T}`` (``(in, out_j)``) when the stage's
-    outputs are narrower than its input (``down_proj``: 5504 in, 2048 out), else
-    ``{"": C = X'^T X}`` (``(in, in)``, to be multiplied by each ``W_j^T``): whichever
-    holds fewer numbers (float64). Run after the Gram has been factored and dropped.
-    """
+    """The refit's cross products for one stage (``_Cross``), in a pass of their own:
+    run after the Gram has been factored and dropped."""
     in_features = dense_weight(module).shape[1]
-    weights = {n: dense_weight(m).detach() for n, m in stage_mods.items()}
-    direct = sum(w.shape[0] for w in weights.values()) < in_features
-    acc: dict[str, Tensor] = {}
+    cross = _Cross(stage_mods, in_features)
     for bc, xd in zip(comp, dense_inputs, strict=True):
-        xc = module_input(lambda bc=bc: run_block(block, bc), module).reshape(-1, in_features)
-        xd = xd.reshape(-1, in_features).float()
-        pairs = {n: xd @ w.float().T for n, w in weights.items()} if direct else {"": xd}
-        for n, b in pairs.items():
-            if n not in acc:
-                acc[n] = xc.new_zeros((in_features, b.shape[1]), dtype=torch.float64)
-            add_gram(acc[n], xc.float(), b)
-        del pairs
-    for n, t in acc.items():
-        if not all_finite(t):
-            raise RankcutError(f"non-finite cross product for {n or module}: overflow")
-    return acc
+        cross.add(module_input(lambda bc=bc: run_block(block, bc), module), xd)
+    return cross.result(module)
 
 
 def check_sequential(model, todo) -> list[tuple[str, nn.Module]]:
@@ -212,31 +281,56 @@ def compress_block(
     needs_gram = "gram" in spec.needs or config.refit
     needs_abs = "abs_mean" in spec.needs
     mods = {n: m for n, m in todo.items() if n.startswith(block_name + ".")}
-    stages = _stages(block, mods, comp[0]) if mods else []
+    # The first block's dense stream is the compressed one (``run_sequential`` passes
+    # the same list): its first stage's inputs are the same in both, so C = X'^T X is
+    # the Gram itself and need not be accumulated.
+    same_stream = dense is comp
     dense_out = None
-    if config.refit:
-        firsts = {stage[0]: mods[stage[0]] for stage in stages}
-        dense_inputs, dense_out = _dense_pass(block, firsts, dense, spill or (lambda _: []))
+    if not mods:
+        stages = []
+    elif config.refit:
+        stages, dense_inputs, dense_out = _dense_pass(block, mods, dense, spill or (lambda _: []))
+    else:
+        stages = _stages(block, mods, comp[0])
     index = 0
-    for stage in stages:
+    for position, stage in enumerate(stages):
         stage_mods = {n: mods[n] for n in stage}
-        inputs = _stage_stats(block, stage, stage_mods, comp, needs_gram, needs_abs)
+        first = stage[0]
+        xd = dense_inputs.pop(first) if config.refit else None
+        gram_is_cross = False
+        fused = None
+        if xd is not None:
+            probe = _Cross(stage_mods, dense_weight(stage_mods[first]).shape[1])
+            if probe.nbytes <= FUSED_CROSS_BYTES:  # else: a pass of its own, further down
+                gram_is_cross = same_stream and position == 0 and not probe.direct
+                fused = None if gram_is_cross else xd
+            del probe
+        inputs, cross_acc = _stage_pass(
+            block, stage, stage_mods, comp, needs_gram, needs_abs, fused
+        )
         if dist is not None:
-            dist.reduce_stats(inputs[stage[0]], None)
-        if needs_gram:  # keep the Cholesky factors the stage uses, drop the Gram itself
-            eps = {getattr(config, "eps", DEFAULT_EPS)} if "gram" in spec.needs else set()
-            eps |= {DEFAULT_EPS} if config.refit else set()
-            inputs[stage[0]].release_gram(tuple(sorted(eps)), stage[0])
+            dist.reduce_stats(inputs[first], None)
         cross = None
-        if config.refit:
-            first = stage[0]
-            xd = dense_inputs.pop(first)
-            cross = _stage_cross(block, stage_mods[first], stage_mods, comp, xd)
-            xd.clear()  # a list, or SpilledTensors (its files go too)
-            del xd
+        if gram_is_cross:  # (summed over the ranks already, with the Gram)
+            cross = {"": inputs[first].gram.clone()}
+        elif cross_acc is not None:
+            cross = cross_acc.result(stage_mods[first])
             if dist is not None:
                 for t in cross.values():
                     dist.all_reduce(t)
+        del cross_acc
+        if needs_gram:  # keep the Cholesky factors the stage uses, drop the Gram itself
+            eps = {getattr(config, "eps", DEFAULT_EPS)} if "gram" in spec.needs else set()
+            eps |= {DEFAULT_EPS} if config.refit else set()
+            inputs[first].release_gram(tuple(sorted(eps)), first)
+        if config.refit and cross is None:  # too large to sit beside the Gram: its own pass
+            cross = _stage_cross(block, stage_mods[first], stage_mods, comp, xd)
+            if dist is not None:
+                for t in cross.values():
+                    dist.all_reduce(t)
+        if xd is not None:
+            xd.clear()  # a list, or SpilledTensors (its files go too)
+        del xd, fused
         weights = _StageWeights(mods, inputs, cross, stage)
         del cross
         for n in stage:
@@ -277,14 +371,20 @@ def run_sequential(model, todo, ranks, spec, config, calibration, stats=None, pr
     if "fisher" in spec.needs:  # gradients need the whole model: taken once, from the dense one
         fisher = collect_layer_stats(model, todo, calibration, frozenset({"fisher"}), progress)
     comp = capture_block_inputs(model, blocks[0][1], calibration, batch_size=4)
-    dense = list(comp) if config.refit else None
-    for block_name, block in tqdm(blocks, desc=f"{spec.name} (sequential)", disable=not progress):
+    # The same list: the first block's dense inputs are its compressed ones (compress_block
+    # reuses what that makes equal).
+    dense = comp if config.refit else None
+    last = len(blocks) - 1
+    for k, (block_name, block) in enumerate(
+        tqdm(blocks, desc=f"{spec.name} (sequential)", disable=not progress)
+    ):
         dense_out = compress_block(
             model, block_name, block, todo, ranks, spec, config, comp, dense, fisher
         )
-        comp = [b.with_hidden(h) for b, h in zip(comp, advance(block, comp), strict=True)]
-        if dense_out is not None:
-            dense = [b.with_hidden(h) for b, h in zip(dense, dense_out, strict=True)]
+        if k < last:  # nothing reads the last block's outputs: no run to make them
+            comp = [b.with_hidden(h) for b, h in zip(comp, advance(block, comp), strict=True)]
+            if dense_out is not None:
+                dense = [b.with_hidden(h) for b, h in zip(dense, dense_out, strict=True)]
         del dense_out
 
 
