@@ -2,11 +2,16 @@
 
 Modules that read the same input tensor (q/k/v projections, gate/up projections) are
 detected at run time by tensor identity and share one statistic.
+
+When a method needs both input statistics (``gram``, ``abs_mean``) and gradients
+(``fisher``, ``fisher_out``), one forward+backward over the windows gathers all of them:
+the input hooks run in the forward, the gradient hooks in the backward.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable, Iterable
 
 import torch
@@ -16,10 +21,18 @@ from tqdm.auto import tqdm
 from ..errors import RankcutError
 from ..layers import dense_shape
 from ..models.adapter import adapter_for
+from ..models.kind import is_causal_lm
 from .hooks import HookManager
 from .stats import InputStats, LayerStats
 
 logger = logging.getLogger(__name__)
+
+#: Label value a Hugging Face causal-LM loss leaves out of its mean (``ForCausalLMLoss``).
+IGNORE_INDEX = -100
+#: Tokens per batch of the output-Fisher pass (bounded activation memory), and the most
+#: windows in one batch.
+FISHER_BATCH_TOKENS = 2048
+FISHER_MAX_BATCH = 8
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -30,6 +43,59 @@ def _forward(model: nn.Module, ids: Tensor, **kwargs):
     # the adapter names the token argument and drops what a non-HF forward does not take
     inputs = adapter_for(model).inputs(ids, attention_mask=torch.ones_like(ids), **kwargs)
     return model(**inputs)
+
+
+class _InputHooks:
+    """Forward hooks that accumulate ``InputStats``, one per distinct input tensor."""
+
+    def __init__(self, modules: dict[str, nn.Module], gram: bool, abs_mean: bool) -> None:
+        self.modules = modules
+        self.gram, self.abs_mean = gram, abs_mean
+        self.shared: dict[str, InputStats] = {}
+        self.owner_of: dict[str, str] = {}  # module name -> module whose stats it shares
+        self.seen: list[tuple[Tensor, str]] = []  # this batch's inputs (kept alive on purpose)
+
+    def _hook(self, name: str):
+        def hook(module, args, output):
+            x = args[0]
+            for tensor, first in self.seen:
+                if tensor is x:
+                    self.owner_of.setdefault(name, first)
+                    if self.owner_of[name] != first:
+                        raise RankcutError(f"{name} changed the input it shares across batches")
+                    return
+            if self.owner_of.get(name, name) != name:
+                raise RankcutError(f"{name} stopped sharing its input with {self.owner_of[name]}")
+            self.seen.append((x, name))
+            if name not in self.shared:
+                self.shared[name] = InputStats(
+                    dense_shape(module)[1], want_gram=self.gram, want_abs=self.abs_mean
+                )
+            self.shared[name].update(x)
+
+        return hook
+
+    def attach(self, hooks: HookManager) -> None:
+        for name, module in self.modules.items():
+            hooks.forward(module, self._hook(name))
+
+    def new_batch(self) -> None:
+        self.seen.clear()
+
+    def result(self) -> dict[str, InputStats]:
+        self.seen.clear()
+        result = {}
+        for name in self.modules:
+            key = self.owner_of.get(name, name)
+            if key not in self.shared:
+                raise RankcutError(f"module {name} received no input during calibration")
+            result[name] = self.shared[key]
+        for name, stats in self.shared.items():
+            stats.check_finite(name)
+        logger.debug(
+            "input statistics: %d modules, %d distinct inputs", len(result), len(self.shared)
+        )
+        return result
 
 
 @torch.no_grad()
@@ -47,45 +113,14 @@ def input_stats_from_passes(
     ``modules`` matter. Modules that receive the very same input tensor share one
     ``InputStats`` object.
     """
-    shared: dict[str, InputStats] = {}
-    owner_of: dict[str, str] = {}  # module name -> name of the module whose stats it shares
-    seen: list[tuple[Tensor, str]] = []  # inputs of the current batch (kept alive on purpose)
-
-    def make_hook(name: str):
-        def hook(module, args, output):
-            x = args[0]
-            for tensor, first in seen:
-                if tensor is x:
-                    owner_of.setdefault(name, first)
-                    if owner_of[name] != first:
-                        raise RankcutError(f"{name} changed the input it shares across batches")
-                    return
-            if owner_of.get(name, name) != name:
-                raise RankcutError(f"{name} stopped sharing its input with {owner_of[name]}")
-            seen.append((x, name))
-            if name not in shared:
-                shared[name] = InputStats(dense_shape(module)[1], want_gram=gram, want_abs=abs_mean)
-            shared[name].update(x)
-
-        return hook
-
+    inputs = _InputHooks(modules, gram, abs_mean)
     with HookManager() as hooks:
-        for name, module in modules.items():
-            hooks.forward(module, make_hook(name))
+        inputs.attach(hooks)
         for run in tqdm(passes, total=total, desc="calibrating", disable=not progress, leave=False):
-            seen.clear()
+            inputs.new_batch()
             run()
-        seen.clear()
-    result = {}
-    for name in modules:
-        key = owner_of.get(name, name)
-        if key not in shared:
-            raise RankcutError(f"module {name} received no input during calibration")
-        result[name] = shared[key]
-    for name, stats in shared.items():
-        stats.check_finite(name)
-    logger.debug("input statistics: %d modules, %d distinct inputs", len(result), len(shared))
-    return result
+        inputs.new_batch()
+    return inputs.result()
 
 
 @torch.no_grad()
@@ -114,85 +149,159 @@ def collect_input_stats(
         model.train(was_training)
 
 
-def collect_fisher(
+def _loss_is_token_mean(model: nn.Module) -> bool:
+    """Whether ``model(..., labels=ids).loss`` is the mean over every valid shifted token
+    of the batch: a transformers causal LM on its default loss (``loss_type``
+    ``ForCausalLM``, or none, which transformers resolves to ``ForCausalLMLoss`` too).
+    Only then may windows share a backward; another model's loss may weigh its samples
+    differently (it gets one window at a time)."""
+    transformers = sys.modules.get("transformers")  # a transformers model imported it
+    if transformers is None or not isinstance(model, transformers.PreTrainedModel):
+        return False
+    custom = vars(model).get("_loss_function")  # set through the loss_function setter
+    loss_type = getattr(model, "loss_type", None)
+    return custom is None and loss_type in (None, "ForCausalLM") and is_causal_lm(model)
+
+
+def fisher_batch_size(model: nn.Module, windows: Tensor) -> int:
+    """Windows per backward of the output-Fisher pass: about ``FISHER_BATCH_TOKENS``
+    tokens (at most ``FISHER_MAX_BATCH`` windows) when the loss is a token mean, else 1."""
+    if windows.ndim != 2 or not _loss_is_token_mean(model):
+        return 1
+    return max(1, min(FISHER_MAX_BATCH, FISHER_BATCH_TOKENS // max(windows.shape[1], 1)))
+
+
+def _sample_weights(labels: Tensor) -> Tensor | None:
+    """Factors that turn per-token squares of ``d(B * L_batch)/dy`` into squares of each
+    window's own ``dL_b/dy`` (``None`` when they are all 1).
+
+    The batch loss is the mean over all ``N`` valid shifted labels (label ``!= -100``),
+    ``L_batch = sum_b n_b L_b / N`` with ``L_b`` window ``b``'s own mean over its ``n_b``
+    labels, and a window's outputs reach no other window's loss, so
+    ``dL_b/dy_b = N / (B n_b) * d(B L_batch)/dy_b``. Windows of equal length with no
+    ignored label (what calibration holds) have equal ``n_b``: the factor is exactly 1.
+    """
+    valid = (labels[:, 1:] != IGNORE_INDEX).sum(1)
+    if bool((valid == valid[0]).all()):
+        return None
+    if not bool((valid > 0).all()):
+        raise RankcutError("a calibration window has no next-token label to take a loss on")
+    ratio = valid.sum().to(torch.float64) / (len(labels) * valid.to(torch.float64))
+    return ratio.pow(2)
+
+
+def _gradient_pass(
     model: nn.Module,
     modules: dict[str, nn.Module],
     windows: Tensor,
-    progress: bool = True,
+    *,
+    gram: bool = False,
+    abs_mean: bool = False,
     weights: bool = True,
     outputs: bool = False,
-) -> tuple[dict[str, Tensor] | None, dict[str, Tensor] | None]:
-    """Empirical Fisher information from per-sample gradients of the LM loss.
-
-    For every calibration window (one at a time, so squares are per-sample) the loss is
-    back-propagated.
-
-    Returns:
-        ``(fisher_in, fisher_out)``. ``fisher_in[name]`` (when ``weights``) is the weight
-        Fisher summed over output rows, one value per *input* channel:
-        ``F_j = sum_samples sum_i (dL/dW_ij)^2``. ``fisher_out[name]`` (when ``outputs``)
-        is the diagonal Fisher of the module's *output*: ``sum_tokens (dL/dy_i)^2``.
-
-    Raises:
-        RankcutError: if the model has no language-modeling loss.
-    """
+    batch_size: int | None = None,
+    progress: bool = True,
+) -> tuple[dict[str, InputStats] | None, dict[str, Tensor] | None, dict[str, Tensor] | None]:
+    """One forward+backward over ``windows``: input statistics (forward hooks), weight
+    Fisher (per window, from weight gradients) and output Fisher (backward hooks)."""
     device = _model_device(model)
+    if weights:
+        batch_size = 1  # the weight Fisher squares each window's own weight gradient
+    elif batch_size is None:
+        batch_size = fisher_batch_size(model, windows)
+    elif batch_size > 1 and not _loss_is_token_mean(model):
+        raise RankcutError(
+            f"the loss of {type(model).__name__} is not known to be a mean over the batch's "
+            "tokens: its output Fisher takes one window at a time (batch_size 1)"
+        )
     flags = {p: p.requires_grad for p in model.parameters()}
     was_training = model.training
     model.eval()  # no dropout: the Fisher of the deployed model
     for p in model.parameters():
         p.requires_grad_(False)
-    for m in modules.values():
-        m.weight.requires_grad_(True)  # a leaf that needs grad keeps the graph alive
-    f_in = (
-        {
-            n: torch.zeros(dense_shape(m)[1], dtype=torch.float64, device=device)
-            for n, m in modules.items()
-        }
-        if weights
-        else None
-    )
-    f_out = (
-        {
-            n: torch.zeros(dense_shape(m)[0], dtype=torch.float64, device=device)
-            for n, m in modules.items()
-        }
-        if outputs
-        else None
-    )
+    if weights:
+        for m in modules.values():
+            m.weight.requires_grad_(True)  # a leaf that needs grad keeps the graph alive
+    # Without weight gradients the graph is made to exist by a zero that requires grad,
+    # added to the output of every target whose output would otherwise need none (the
+    # first targets the tokens reach): ``y + 0`` equals ``y`` exactly, and the backward
+    # reaches only what lies between those outputs and the loss, computing no parameter's
+    # gradient at all.
+    anchor = torch.zeros((), device=device, requires_grad=True)
 
-    def out_hook(name):
-        def accumulate(grad):
-            g = grad.detach().reshape(-1, grad.shape[-1]).float()
-            f_out[name] += g.pow(2).sum(0).to(torch.float64)
+    def zeros(dim: int) -> dict[str, Tensor]:
+        return {
+            n: torch.zeros(dense_shape(m)[dim], dtype=torch.float64, device=device)
+            for n, m in modules.items()
+        }
+
+    f_in = zeros(1) if weights else None
+    f_out = zeros(0) if outputs else None
+    inputs = _InputHooks(modules, gram, abs_mean) if gram or abs_mean else None
+    batch: dict = {"weights": None, "size": 1, "reached": set()}
+
+    def out_hook(name: str):
+        def accumulate(grad: Tensor) -> None:
+            batch["reached"].add(name)
+            # per-window sums of the token squares in float32 (as one window at a time
+            # did), then across windows into the float64 total
+            g = grad.detach().float().reshape(batch["size"], -1, grad.shape[-1])
+            squares = g.pow(2).sum(1)
+            w = batch["weights"]
+            if w is None:
+                f_out[name] += squares.sum(0, dtype=torch.float64)
+            else:
+                f_out[name] += (squares.to(torch.float64) * w[:, None].to(device)).sum(0)
 
         def hook(module, args, output):
+            if not output.requires_grad:
+                output = output + anchor
             output.register_hook(accumulate)
+            return output
 
         return hook
 
     try:
-        with HookManager() as hooks:
-            if outputs:
+        with HookManager() as hooks, torch.enable_grad():
+            if inputs is not None:
+                inputs.attach(hooks)
+            if outputs or not weights:
                 for name, module in modules.items():
                     hooks.forward(module, out_hook(name))
-            for row in tqdm(windows.split(1), desc="fisher", disable=not progress, leave=False):
-                ids = row.to(device)
-                out = _forward(model, ids, labels=ids)
-                if getattr(out, "loss", None) is None:
+            desc = "calibrating" if inputs is not None else "fisher"
+            for rows in tqdm(
+                windows.split(batch_size), desc=desc, disable=not progress, leave=False
+            ):
+                ids = rows.to(device)
+                batch.update(size=len(ids), reached=set())
+                batch["weights"] = _sample_weights(ids) if len(ids) > 1 else None
+                if inputs is not None:
+                    inputs.new_batch()
+                out = _forward(model, ids, labels=ids, use_cache=False)
+                if inputs is not None:
+                    inputs.new_batch()  # sharing is decided in the forward; free the inputs
+                loss = getattr(out, "loss", None)
+                if loss is None:
                     raise RankcutError(
                         "Fisher statistics need a model with a language-modeling loss"
                     )
-                out.loss.backward()
+                if weights:
+                    loss.backward()
+                else:
+                    # times B: each window's gradient at the scale of its own loss
+                    torch.autograd.grad(loss * len(ids), anchor)
+                del out, loss
                 for name, module in modules.items():
-                    grad = module.weight.grad
-                    if grad is None:
-                        raise RankcutError(f"no gradient reached {name}")
                     if weights:
+                        grad = module.weight.grad
+                        if grad is None:
+                            raise RankcutError(f"no gradient reached {name}")
                         if not isinstance(module, nn.Linear):  # Conv1D stores (in, out)
                             grad = grad.T
                         f_in[name] += grad.detach().to(torch.float64).pow(2).sum(0)
-                    module.weight.grad = None
+                        module.weight.grad = None
+                    elif name not in batch["reached"]:
+                        raise RankcutError(f"no gradient reached {name}")
     finally:
         for p, flag in flags.items():
             p.requires_grad_(flag)
@@ -202,6 +311,53 @@ def collect_fisher(
         for name, f in (result or {}).items():
             if not bool(torch.isfinite(f).all()):
                 raise RankcutError(f"non-finite Fisher information for {name}")
+    return (inputs.result() if inputs is not None else None), f_in, f_out
+
+
+def collect_fisher(
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    windows: Tensor,
+    progress: bool = True,
+    weights: bool = True,
+    outputs: bool = False,
+    batch_size: int | None = None,
+) -> tuple[dict[str, Tensor] | None, dict[str, Tensor] | None]:
+    """Empirical Fisher information from per-sample gradients of the LM loss.
+
+    With ``weights`` every calibration window is back-propagated on its own (squares of
+    weight gradients are per sample). With only ``outputs``, no parameter gets a
+    gradient and windows share a backward (``batch_size`` windows, by default about
+    ``FISHER_BATCH_TOKENS`` tokens, for a transformers causal LM whose loss is the mean
+    over the batch's tokens; 1 otherwise): a window's outputs reach only its own loss,
+    so its output gradient is the batch's, rescaled exactly (``_sample_weights``).
+
+    Returns:
+        ``(fisher_in, fisher_out)``. ``fisher_in[name]`` (when ``weights``) is the weight
+        Fisher summed over output rows, one value per *input* channel:
+        ``F_j = sum_samples sum_i (dL/dW_ij)^2``. ``fisher_out[name]`` (when ``outputs``)
+        is the diagonal Fisher of the module's *output*: ``sum_samples sum_tokens
+        (dL_sample/dy_i)^2``.
+
+    Raises:
+        RankcutError: if the model has no language-modeling loss.
+
+    Example:
+        >>> _, f_out = collect_fisher(model, targets, windows, weights=False, outputs=True)  # doctest: +SKIP
+    """
+    if not weights and not outputs:
+        return None, None
+    if not modules:
+        return ({} if weights else None), ({} if outputs else None)
+    _, f_in, f_out = _gradient_pass(
+        model,
+        modules,
+        windows,
+        weights=weights,
+        outputs=outputs,
+        batch_size=batch_size,
+        progress=progress,
+    )
     return f_in, f_out
 
 
@@ -212,33 +368,39 @@ def collect_layer_stats(
     needs: frozenset[str],
     progress: bool = True,
 ) -> dict[str, LayerStats]:
-    """Gather what is ``needs``-ed (``gram``, ``abs_mean``, ``fisher``, ``fisher_out``) per module."""
+    """Gather what is ``needs``-ed (``gram``, ``abs_mean``, ``fisher``, ``fisher_out``) per module.
+
+    Input statistics and gradients needed together come from one forward+backward pass.
+    """
     stats = {name: LayerStats() for name in modules}
     if not needs or not modules:
         return stats
     if windows is None:
         raise RankcutError(f"this method needs calibration data ({', '.join(sorted(needs))})")
-    if "gram" in needs or "abs_mean" in needs:
+    gram, abs_mean = "gram" in needs, "abs_mean" in needs
+    weights, outputs = "fisher" in needs, "fisher_out" in needs
+    f_in = f_out = None
+    if weights or outputs:
+        inputs, f_in, f_out = _gradient_pass(
+            model,
+            modules,
+            windows,
+            gram=gram,
+            abs_mean=abs_mean,
+            weights=weights,
+            outputs=outputs,
+            progress=progress,
+        )
+    elif gram or abs_mean:
         inputs = collect_input_stats(
-            model,
-            modules,
-            windows,
-            gram="gram" in needs,
-            abs_mean="abs_mean" in needs,
-            progress=progress,
+            model, modules, windows, gram=gram, abs_mean=abs_mean, progress=progress
         )
-        for name, s in inputs.items():
-            stats[name].inputs = s
-    if "fisher" in needs or "fisher_out" in needs:
-        f_in, f_out = collect_fisher(
-            model,
-            modules,
-            windows,
-            progress=progress,
-            weights="fisher" in needs,
-            outputs="fisher_out" in needs,
-        )
-        for name in modules:
+    else:
+        inputs = None
+    for name in modules:
+        if inputs is not None:
+            stats[name].inputs = inputs[name]
+        if weights or outputs:
             stats[name].fisher_in = f_in[name] if f_in else None
             stats[name].fisher_out = f_out[name] if f_out else None
     return stats

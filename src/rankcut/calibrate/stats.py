@@ -1,7 +1,12 @@
 """Sufficient statistics of a linear layer's inputs, accumulated as data streams through.
 
-Statistics are accumulated in float64 so that sums over many tokens stay exact enough
-for a Cholesky factorization.
+Each batch's products are float32 matmuls (fast; a batch holds at most a few thousand
+tokens, so each entry sums a few thousand float32 terms); the running sums across
+batches are float64. Float64 is kept where it matters for stability: the sum over all
+batches (tens of thousands of tokens, whose float32 rounding would reach the small
+eigenvalues) and everything downstream of it, the Cholesky factor of a Gram that is
+often ill-conditioned (dead or nearly collinear channels; ``psd_cholesky``) and the
+whitened spectra computed from it.
 """
 
 from __future__ import annotations

@@ -259,6 +259,43 @@ def param_report(model, before, shapes, tied, final_ranks, stored=None) -> dict[
     }
 
 
+def whitened_spectrum(weight: Tensor, fisher_out: Tensor | None = None):
+    """Singular values of ``weight`` (descending) and, given the output Fisher, the
+    loss-weighted score of each singular direction, ``s_i^2 u_i^T diag(F_out) u_i``
+    (``None`` without it).
+
+    Without ``fisher_out`` the singular values come from ``svdvals`` (other allocators
+    read the small ones: elbows, low-rank tests). With it, from the eigendecomposition
+    of the smaller of ``W^T W`` and ``W W^T`` in float64 (one ``min(m, n)``-wide
+    ``eigh`` instead of a full SVD with its singular vectors): the eigenvalues are
+    ``s_i^2`` to an absolute ``~ min(m, n) * 1e-16 * s_max^2``, far below any score the
+    allocation weighs, and when ``m > n`` the scores need no left singular vectors
+    (``s_i u_i = W v_i``). Float64 is kept: the whitened weight of an ill-conditioned
+    Gram spans many decades, and float32 would move the small directions' scores.
+
+    Example:
+        >>> w = torch.diag(torch.tensor([3.0, 2.0], dtype=torch.float64))
+        >>> s, score = whitened_spectrum(w, torch.tensor([1.0, 0.5], dtype=torch.float64))
+        >>> s.tolist(), score.tolist()
+        ([3.0, 2.0], [9.0, 2.0])
+    """
+    if fisher_out is None:
+        return torch.linalg.svdvals(weight), None
+    m, n = weight.shape
+    tall = m > n
+    gram = weight.T @ weight if tall else weight @ weight.T
+    evals, evecs = torch.linalg.eigh(gram)  # ascending
+    evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
+    f = fisher_out.to(torch.float64)[:, None]
+    if tall:  # s_i u_i = W v_i, so s_i^2 u_ji^2 = (W v_i)_j^2
+        scores = ((weight @ evecs) ** 2 * f).sum(0)
+    else:
+        # The output error of dropping direction i is s_i^2 along u_i; weigh it by the
+        # loss's (diagonal) Fisher in output space.
+        scores = evals * (evecs**2 * f).sum(0)
+    return evals.sqrt(), scores
+
+
 def allocation_input(
     model, modules, shapes, stats, allocator, spec, config, calibration, progress
 ) -> AllocationInput:
@@ -280,14 +317,10 @@ def allocation_input(
         inputs = st.inputs if st is not None else None
         if inputs is not None and inputs.has_gram:
             weight = weight @ inputs.cholesky(getattr(config, "eps", 1e-6), name)
-        if st is not None and st.fisher_out is not None:
-            u, s, _ = torch.linalg.svd(weight, full_matrices=False)
-            # Output error of dropping direction i is s_i^2 along u_i; weigh it by the
-            # loss's (diagonal) Fisher in output space.
-            scores[name] = s**2 * (u**2 * st.fisher_out[:, None]).sum(0)
-            spectra[name] = s
-        else:
-            spectra[name] = torch.linalg.svdvals(weight)
+        fisher_out = st.fisher_out if st is not None else None
+        spectra[name], score = whitened_spectrum(weight, fisher_out)
+        if score is not None:
+            scores[name] = score
     inp.spectra = spectra
     inp.component_scores = scores or None
     if "loss_table" in allocator.needs:
