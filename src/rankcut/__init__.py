@@ -28,9 +28,24 @@ _LAZY = {
     "SvdLlmConfig": ("rankcut.methods", "SvdLlmConfig"),
     "FwsvdConfig": ("rankcut.methods", "FwsvdConfig"),
     "LowRankLinear": ("rankcut.layers", "LowRankLinear"),
+    # `rankcut.train` is the subpackage (importing rankcut.train.loop binds that name on
+    # the package, so a lazy function of the same name would change under the user):
+    # the training verb is exported as `train_model`.
+    "train_model": ("rankcut.train.loop", "train"),
+    "TrainConfig": ("rankcut.train.loop", "TrainConfig"),
 }
 
-_SUBMODULES = {"evaluate", "methods", "layers", "decompose", "calibrate", "rank", "models", "data"}
+_SUBMODULES = {
+    "evaluate",
+    "methods",
+    "layers",
+    "decompose",
+    "calibrate",
+    "rank",
+    "models",
+    "data",
+    "train",
+}
 
 __all__ = [*_LAZY, *sorted(_SUBMODULES), "__version__"]
 

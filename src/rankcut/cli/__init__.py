@@ -1,4 +1,4 @@
-"""Command line: ``rankcut compress | eval | finetune | bench | inspect | export | methods``.
+"""Command line: ``rankcut compress | eval | finetune | train | bench | inspect | export | methods``.
 
 Thin by design: each command (one module here) builds the options the Python API takes
 and calls it; ``compress`` flags are generated from ``rankcut.recipe.CompressRecipe``.
@@ -17,11 +17,11 @@ import logging
 import sys
 
 from ..errors import RankcutError
-from . import bench, compress, eval, export, finetune, inspect, methods
+from . import bench, compress, eval, export, finetune, inspect, methods, train
 from .common import add_global_flags, silence_libraries
 
 #: One module per command, in ``--help`` order; each has ``register(subparsers)``.
-COMMANDS = (compress, eval, finetune, bench, export, inspect, methods)
+COMMANDS = (compress, eval, finetune, train, bench, export, inspect, methods)
 
 
 def build_parser() -> argparse.ArgumentParser:
