@@ -2,7 +2,9 @@
 
 The contract tests parametrize over ``LAYER_NAMES`` (every entry of
 ``rankcut.layers.LAYER_TYPES``), so a newly registered layer is tested as soon as a
-method builds it; one that no method builds fails with a message saying so.
+method builds it; one that no method builds fails with a message saying so. The layers
+that only training builds (``rankcut.train``: SLTrain, Maestro) are in
+``TRAINING_LAYERS``, with the training method whose ``prepare`` makes them.
 """
 
 from __future__ import annotations
@@ -41,13 +43,44 @@ def _make(method: str, out_features: int, in_features: int, rank: int, seed: int
     return spec.make_layer(weight, stats, rank, config, "layer", bias=bias, dtype=torch.float64)
 
 
+#: Layer types that only a training method builds -> that method (``rankcut.train``).
+TRAINING_LAYERS = {"SLTrainLinear": "sltrain", "MaestroLinear": "maestro"}
+
+#: How ``layer_methods`` names a training method (not a compression method).
+TRAIN_PREFIX = "train:"
+
+
+def _make_training_layer(name: str, out_features: int, in_features: int, rank: int, seed: int):
+    """A float64 training layer with a bias and every tensor nonzero (SLTrain's ``B``
+    starts at zero in the authors' init; here it is random so that it shows)."""
+    from rankcut.layers import MaestroLinear, SLTrainLinear
+    from rankcut.layers.linear import linear_from
+
+    gen = torch.Generator().manual_seed(seed)
+    if name == "SLTrainLinear":
+        nnz = out_features * in_features // 10
+        layer = SLTrainLinear.from_scratch(
+            in_features, out_features, rank, nnz, alpha=8, generator=gen, dtype=torch.float64
+        )
+        with torch.no_grad():
+            layer.up.normal_(generator=gen)
+            layer.bias.normal_(generator=gen)
+        return layer
+    weight = torch.randn(out_features, in_features, generator=gen, dtype=torch.float64)
+    bias = torch.randn(out_features, generator=gen, dtype=torch.float64)
+    return MaestroLinear.from_linear(linear_from(weight, bias), rank)
+
+
 @functools.cache
 def layer_methods() -> dict[str, str]:
-    """Layer type name -> the first method (by name) that builds it from a Gram alone."""
+    """Layer type name -> the first method (by name) that builds it from a Gram alone,
+    or ``train:<method>`` for the layers of ``TRAINING_LAYERS``."""
     found: dict[str, str] = {}
     for method in sorted(METHODS):
         if METHODS[method].needs <= {"gram"}:
             found.setdefault(type(_make(method, 24, 16, 6, 0)).__name__, method)
+    for name, method in TRAINING_LAYERS.items():
+        found.setdefault(name, TRAIN_PREFIX + method)
     return found
 
 
@@ -62,8 +95,13 @@ def method_for(name: str) -> str:
 def example_layer(
     name: str, out_features: int = 24, in_features: int = 16, rank: int = 6, seed: int = 0
 ) -> FactorizedLinear:
-    """A float64 layer of type ``name`` with a bias, fitted to a random weight."""
-    layer = _make(method_for(name), out_features, in_features, rank, seed)
+    """A float64 layer of type ``name`` with a bias, fitted to a random weight (a
+    training layer: initialised as its training method does, every tensor nonzero)."""
+    method = method_for(name)
+    if method.startswith(TRAIN_PREFIX):
+        layer = _make_training_layer(name, out_features, in_features, rank, seed)
+    else:
+        layer = _make(method, out_features, in_features, rank, seed)
     assert type(layer).__name__ == name
     return layer
 
@@ -93,8 +131,23 @@ def token_windows(n: int = 4, seq: int = 32, seed: int = 0) -> torch.Tensor:
     return torch.randint(3, 100, (n, seq), generator=gen)
 
 
+def _prepared_for_training(name: str):
+    """``tiny_llama_32`` prepared by the training method that builds ``name``."""
+    from rankcut.models.structure import find_targets
+    from rankcut.train.methods import TrainSetup, train_method
+
+    model = tiny_llama_32()
+    method = train_method(method_for(name).removeprefix(TRAIN_PREFIX))
+    setup = TrainSetup(targets=list(find_targets(model)), param_ratio=0.5)
+    method.check(setup)
+    method.prepare(model, setup)
+    return model.eval()
+
+
 @functools.cache
 def _compressed(name: str):
+    if method_for(name).startswith(TRAIN_PREFIX):
+        return _prepared_for_training(name)
     model = tiny_llama_32()
     config = METHODS[method_for(name)].config_cls(
         ratio=0.5, allocation="uniform", pipeline="whole", rank_multiple=1, min_speedup=1.0

@@ -10,6 +10,7 @@ from .cur import CURLinear
 from .kronecker import KroneckerLinear
 from .sparse import SparseDenseLinear, SparseLowRankLinear
 from .structured import StructuredLinear
+from .trainable import MaestroLinear, SLTrainLinear, lowrank_from_scratch
 
 __all__ = [
     "LAYER_TYPES",
@@ -17,6 +18,8 @@ __all__ = [
     "FactorizedLinear",
     "KroneckerLinear",
     "LowRankLinear",
+    "MaestroLinear",
+    "SLTrainLinear",
     "SparseDenseLinear",
     "SparseLowRankLinear",
     "StructuredLinear",
@@ -24,5 +27,6 @@ __all__ = [
     "dense_weight",
     "factorized_modules",
     "is_dense_linear",
+    "lowrank_from_scratch",
     "register_layer",
 ]
