@@ -283,3 +283,58 @@ def test_nan_norm_weight_names_non_finite_values(capsys, tmp_path, tiny_llama_di
     line = assert_user_error(capsys, code, "non-finite", "weights or activations")
     assert "overflowed" not in line
     assert_nothing_written(out)
+
+
+# --------------------------------------------------------------------------- hub ids
+
+
+def test_unreachable_hub_id_fails_at_once(capsys, tmp_path, monkeypatch):
+    """No network and not cached: one line after one short probe, not transformers'
+    retries; nothing is written."""
+    from rankcut.models import sources
+
+    sources._unreachable.cache_clear()
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    monkeypatch.setenv("HF_ENDPOINT", "https://127.0.0.1:9")  # nothing listens on port 9
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HTTPS_PROXY", raising=False)
+    monkeypatch.delenv("https_proxy", raising=False)
+    out = tmp_path / "out"
+    code = run("compress", "--model", "some-org/some-model", "--ratio", "0.2", "--out", out)
+    assert_user_error(capsys, code, "cannot download 'some-org/some-model'", "127.0.0.1:9")
+    assert_nothing_written(out)
+    code = run("eval", "some-org/some-model")
+    assert_user_error(capsys, code, "does not answer", "HF_HUB_OFFLINE")
+    sources._unreachable.cache_clear()
+
+
+def test_compress_eval_data_fits_the_model_positions(tmp_path, gpt2_128_dir, eval_file):
+    """The report's 512-token windows are cut to a model's 128 positions (no IndexError)."""
+    out = tmp_path / "out"
+    assert run(*compress_args(gpt2_128_dir, out, extra=("--eval-data", eval_file))) == 0
+    ppl = json.loads((out / "rankcut.json").read_text())["perplexity"]
+    assert ppl["seq_len"] == 128 and ppl["compressed"] > 0
+
+
+def test_error_line_does_not_share_a_line_with_a_progress_bar(monkeypatch, capsys):
+    """An error raised while a bar is drawn is printed on a line of its own."""
+    from tqdm.auto import tqdm
+
+    import rankcut.cli.eval as eval_command
+    from rankcut.cli import main
+
+    bars = []
+
+    def failing(args):
+        bars.append(tqdm(total=10, desc="working", leave=False, mininterval=0))
+        bars[-1].update(3)
+        raise RankcutError("boom")
+
+    monkeypatch.setattr(eval_command, "cmd_eval", failing)
+    assert main(["eval", "anything"]) == 2  # no -q: the bar is drawn
+    err = capsys.readouterr().err
+    assert "working" in err  # the bar was really drawn on stderr
+    line = err.rstrip("\n").split("\n")[-1]
+    assert line.split("\r")[-1] == "rankcut: error: boom"
+    assert line.split("\r")[-2].strip() == ""  # the bar's text was cleared first
+    assert bars[0].disable  # closed

@@ -308,3 +308,77 @@ def test_streamed_and_saved_folders_have_the_same_mode(tmp_path, sharded):
     assert modes == {"streamed": 0o750, "saved": 0o750, "plain": 0o750}
     # The report is published with the streamed output.
     assert (tmp_path / "streamed" / "report.md").is_file()
+
+
+def _reference_perplexities(folder, config, x, windows):
+    """Dense and compressed perplexity of ``windows``, with the whole model in memory."""
+    from rankcut.evaluate import perplexity_of_windows
+
+    model = rankcut.load(folder)
+    dense, _ = perplexity_of_windows(model, windows, progress=False)
+    rankcut.compress(model, config, x, progress=False)
+    compressed, _ = perplexity_of_windows(model, windows, progress=False)
+    return dense, compressed
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_streaming_measures_held_out_perplexity_as_in_memory(tmp_path, tied):
+    """The evaluation windows travel block by block; the head runs once at the end."""
+    ckpt = save_checkpoint(tmp_path / "ckpt", tied=tied)
+    x, held = calib(), calib(n=3, seq=48, seed=7)
+    config = SvdLlmConfig(ratio=0.4, pipeline="sequential", allocation="uniform")
+    meta = stream_compress(
+        ckpt,
+        config,
+        x,
+        tmp_path / "out",
+        evaluation=held,
+        evaluation_data="held",
+        progress=False,
+    )
+    dense, compressed = _reference_perplexities(ckpt, config, x, held)
+    ppl = meta["perplexity"]
+    assert ppl["data"] == "held" and ppl["seq_len"] == 48
+    assert ppl["dense"] == pytest.approx(dense, rel=1e-5)
+    assert ppl["compressed"] == pytest.approx(compressed, rel=1e-5)
+    assert ppl["compressed"] != pytest.approx(ppl["dense"], rel=1e-3)  # it did compress
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert f"{ppl['compressed']:.2f}" in report or f"{ppl['compressed']:.3f}" in report
+
+
+def test_resumed_streaming_keeps_its_evaluation_and_counts_both_processes(
+    tmp_path, sharded, monkeypatch
+):
+    x, held = calib(), calib(n=2, seq=40, seed=3)
+    config = SvdLlmConfig(ratio=0.4, pipeline="sequential", allocation="uniform")
+    ref = stream_compress(sharded, config, x, tmp_path / "ref", evaluation=held, progress=False)
+    monkeypatch.setenv(streaming.FAULT_ENV, "1")
+    with pytest.raises(InjectedFault):
+        stream_compress(sharded, config, x, tmp_path / "out", evaluation=held, progress=False)
+    monkeypatch.delenv(streaming.FAULT_ENV)
+    state = json.loads((tmp_path / ".out.partial" / "work" / "state.json").read_text())
+    first = state["elapsed_seconds"]
+    assert first > 0
+    # Changed evaluation windows are a changed input: no silent mix of two evaluations.
+    with pytest.raises(RankcutError, match="cannot resume"):
+        stream_compress(sharded, config, x, tmp_path / "out", evaluation=held + 1, progress=False)
+    meta = stream_compress(sharded, config, x, tmp_path / "out", evaluation=held, progress=False)
+    assert meta["perplexity"] == ref["perplexity"]
+    assert meta["compression_seconds"] > first
+
+
+def test_cli_streaming_reports_eval_data(tmp_path, tiny_tokenizer, calib_file, eval_file, capsys):
+    from rankcut.cli import main
+
+    ckpt = save_checkpoint(tmp_path / "ckpt")
+    tiny_tokenizer.save_pretrained(ckpt)
+    args = ["compress", "--model", str(ckpt), "--method", "svd-llm", "--ratio", "0.3"]
+    args += ["--pipeline", "sequential", "--calib", str(calib_file), "--samples", "4"]
+    args += ["--seq-len", "32", "--eval-data", str(eval_file), "--out", str(tmp_path / "out")]
+    assert main(["-q", *args]) == 0
+    printed = capsys.readouterr().out
+    meta = json.loads((tmp_path / "out" / "rankcut.json").read_text())
+    ppl = meta["perplexity"]
+    assert "streaming" in meta and ppl["data"] == str(eval_file)
+    assert f"{ppl['dense']:.3f} -> {ppl['compressed']:.3f}" in printed
+    assert "perplexity" in (tmp_path / "out" / "report.md").read_text()

@@ -228,7 +228,7 @@ def run(recipe: CompressRecipe, *, overwrite: bool = False, progress: bool = Tru
     tokenizer = io.load_tokenizer(recipe.model)
     # Recovery trains the whole model, so it is loaded whole (no streaming) then.
     if not recipe.recover and _streams(recipe, config):
-        return _run_streaming(recipe, config, tokenizer, device, out, overwrite, progress)
+        return _run_streaming(recipe, config, tokenizer, device, out, heldout, overwrite, progress)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise RankcutError(
             "several processes need the streaming pipeline: a local safetensors folder "
@@ -334,14 +334,21 @@ def _save(result: RunResult, model, tokenizer, overwrite: bool, extra: dict, rec
     result.meta = io.read_meta(result.out)
 
 
+def eval_seq_len(model) -> int:
+    """The report's evaluation window: ``EVAL_SEQ_LEN``, or the model's positions if fewer."""
+    limit = declared_positions(model)
+    return EVAL_SEQ_LEN if limit is None else min(EVAL_SEQ_LEN, limit)
+
+
 def _timed_perplexity(model, tokenizer, heldout, data, progress, phases, label) -> dict:
     """Held-out perplexity for the report, timed as its own phase (nothing without text)."""
     if heldout is None:
         return {}
     start = time.perf_counter()
-    value = _perplexity(model, tokenizer, heldout, EVAL_TOKENS, EVAL_SEQ_LEN, progress)
+    seq_len = eval_seq_len(model)
+    value = _perplexity(model, tokenizer, heldout, EVAL_TOKENS, seq_len, progress)
     phases[f"evaluation ({label})"] = time.perf_counter() - start
-    return {"data": str(data), label: value}
+    return {"data": str(data), "seq_len": seq_len, label: value}
 
 
 def _perplexity(model, tokenizer, text: str, tokens: int, seq_len: int, progress: bool) -> float:
@@ -363,7 +370,9 @@ def _streams(recipe: CompressRecipe, config: MethodConfig) -> bool:
     return kind == "hf-dir" and is_safetensors_dir(location)
 
 
-def _run_streaming(recipe, config, tokenizer, device, out, overwrite, progress) -> RunResult:
+def _run_streaming(
+    recipe, config, tokenizer, device, out, heldout, overwrite, progress
+) -> RunResult:
     """``run`` for a safetensors folder, layer by layer (see ``rankcut.streaming``)."""
     from .data.generated import windows_from_spec
     from .data.spec import AUTO, AUTO_ENCODER, GENERATED
@@ -377,6 +386,12 @@ def _run_streaming(recipe, config, tokenizer, device, out, overwrite, progress) 
         raise ConfigError("generated calibration needs the whole model; use --in-memory or a text")
     recipe = dataclasses.replace(recipe, calib=calib_spec, out=str(out))
     calib = windows_from_spec(calib_spec, tokenizer, recipe.samples, recipe.seq_len, recipe.seed)
+    evaluation = None
+    if heldout is not None:  # measured block by block on the way (no whole model here)
+        from .data import bos_prefix, evaluation_windows
+
+        seq_len = eval_seq_len(recipe.model)
+        evaluation = evaluation_windows(heldout, tokenizer, EVAL_TOKENS, seq_len)
     dist = init_from_env(device)
     extra = {"source_model": recipe.model, "calibration": _calibration_entry(recipe)}
     meta = stream_compress(
@@ -395,6 +410,9 @@ def _run_streaming(recipe, config, tokenizer, device, out, overwrite, progress) 
         files={"recipe.json": recipe.to_json()},
         progress=progress,
         dist=dist,
+        evaluation=evaluation,
+        evaluation_prefix=len(bos_prefix(tokenizer)) if evaluation is not None else 0,
+        evaluation_data=recipe.eval_data,
     )
     if dist is not None:
         import torch.distributed
@@ -411,6 +429,11 @@ def _run_streaming(recipe, config, tokenizer, device, out, overwrite, progress) 
         f"factorized {len(meta['ranks'])} matrices, kept {len(meta['kept_dense'])} dense\n"
         f"model params    {p['model_before']:,} -> {p['model_after']:,}"
     )
+    if "perplexity" in meta:
+        ppl = meta["perplexity"]
+        result.say(
+            f"held-out perplexity ({ppl['data']}): {ppl['dense']:.3f} -> {ppl['compressed']:.3f}"
+        )
     return result
 
 

@@ -45,6 +45,9 @@ def stream_compress(
     progress: bool = True,
     dist: Dist | None = None,
     allocation_given: bool = True,
+    evaluation: Tensor | None = None,
+    evaluation_prefix: int = 0,
+    evaluation_data: str | None = None,
 ) -> dict | None:
     """Compress the safetensors checkpoint in ``folder`` block by block into ``out``.
 
@@ -75,6 +78,11 @@ def stream_compress(
             default allocation (``global``) needs whole-model statistics: when it was
             not chosen explicitly the plan falls back to ``uniform`` with a warning,
             otherwise it is refused.
+        evaluation: ``(n, L)`` held-out token windows whose perplexity before and after
+            is measured on the way (block by block, like the calibration data) and
+            written to ``rankcut.json`` (``perplexity``) and the report.
+        evaluation_prefix: context-only positions at the start of each window (a BOS).
+        evaluation_data: the name of the evaluation text, recorded with the result.
 
     Returns:
         The ``rankcut.json`` object written (``None`` on ranks other than 0).
@@ -110,5 +118,8 @@ def stream_compress(
         dist=dist or Dist.current(),
         start=start,
         overwrite=overwrite,
+        eval_windows=evaluation,
+        eval_prefix=evaluation_prefix,
+        eval_data=evaluation_data,
     )
     return PIPELINES["streaming"].run(model, plan, calibration, progress=progress, job=job)

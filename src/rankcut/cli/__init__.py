@@ -61,13 +61,27 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt:
+        close_progress_bars()
         print("rankcut: interrupted; nothing was written", file=sys.stderr)
         return 130
     except RankcutError as err:
+        close_progress_bars()
         if args.debug:
             raise
         print(f"rankcut: error: {err}", file=sys.stderr)
         return 2
+
+
+def close_progress_bars() -> None:
+    """Close the progress bars an error interrupted, so the error starts its own line.
+
+    A bar that was running is left mid-line (``leave=False`` bars redraw with ``\\r``);
+    closing it clears or ends that line before the message is printed.
+    """
+    from tqdm.auto import tqdm  # the class every rankcut bar is made from
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 if __name__ == "__main__":

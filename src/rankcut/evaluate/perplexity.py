@@ -22,6 +22,25 @@ from ..models.adapter import adapter_for
 from ..models.kind import is_causal_lm
 
 
+def window_nll(logits: Tensor, ids: Tensor, prefix_len: int = 0) -> tuple[float, int]:
+    """``(summed next-token NLL, predicted tokens)`` of one window's ``(L, vocab)`` logits.
+
+    ``logits[t]`` predicts ``ids[t+1]``; the first ``prefix_len`` positions (a BOS) are
+    context only and never predicted. Computed in float32.
+    """
+    start = max(prefix_len - 1, 0)
+    pred = logits[start:-1].float()
+    target = ids[start + 1 :].to(pred.device)
+    return float(F.cross_entropy(pred, target, reduction="sum")), int(target.numel())
+
+
+def perplexity_from_nll(nll: float, count: int) -> float:
+    """``exp(nll / count)``, or a clear error when the model produced NaN or inf."""
+    if not math.isfinite(nll):
+        raise RankcutError("the loss is not finite: the model produces NaN or inf")
+    return math.exp(nll / count)
+
+
 @torch.no_grad()
 def perplexity_of_windows(
     model: nn.Module, windows: Tensor, prefix_len: int = 0, progress: bool = True
@@ -41,16 +60,11 @@ def perplexity_of_windows(
         logits = getattr(out, "logits", None)
         if logits is None:
             raise RankcutError("perplexity needs a causal LM (the model returned no logits)")
-        # logits[t] predicts ids[t+1]; skip predictions of the prefix itself.
-        start = max(prefix_len - 1, 0)
-        pred = logits[0, start:-1].float()
-        target = ids[0, start + 1 :]
-        nll += float(F.cross_entropy(pred, target, reduction="sum"))
-        count += int(target.numel())
+        window, n = window_nll(logits[0], ids[0], prefix_len)
+        nll += window
+        count += n
     model.train(was_training)
-    if not math.isfinite(nll):
-        raise RankcutError("the loss is not finite: the model produces NaN or inf")
-    return math.exp(nll / count), count
+    return perplexity_from_nll(nll, count), count
 
 
 def perplexity(

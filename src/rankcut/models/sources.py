@@ -7,6 +7,7 @@ slow (mostly the tokenizer) and a GGUF-loaded model refuses ``save_pretrained``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -160,7 +161,60 @@ def resolve(spec: str) -> tuple[str, str]:
             f"unknown model {spec!r}: not a built-in alias ({known}), an existing path, "
             "or a hub id of the form ORG/NAME"
         )
+    check_hub_reachable(spec)
     return "hub", spec
+
+
+#: Seconds to wait for the hub before saying it cannot be reached (transformers' own
+#: retries over several files took 49 s on a machine without a network).
+HUB_PROBE_TIMEOUT = 5.0
+
+
+def check_hub_reachable(repo_id: str) -> None:
+    """A one-line ``RankcutError`` at once when ``repo_id`` can neither be found in the
+    local Hugging Face cache nor downloaded (the hub does not answer).
+
+    Offline mode (``HF_HUB_OFFLINE=1``) is left to transformers: it reads the cache.
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return
+    try:
+        from huggingface_hub import constants, try_to_load_from_cache
+    except ImportError:  # transformers brings it; without it transformers fails anyway
+        return
+    cached = try_to_load_from_cache(repo_id, "config.json")
+    if isinstance(cached, str):
+        return
+    endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
+    reason = _unreachable(endpoint)
+    if reason is not None:
+        raise RankcutError(
+            f"cannot download {repo_id!r}: the hub at {endpoint} does not answer ({reason}) "
+            "and the model is not in the local Hugging Face cache; give a local folder or "
+            ".gguf file, or set HF_HUB_OFFLINE=1 to use only the cache"
+        )
+
+
+@functools.cache
+def _unreachable(endpoint: str) -> str | None:
+    """Why ``endpoint`` cannot be reached within ``HUB_PROBE_TIMEOUT`` (``None``: it can).
+
+    Only the TCP connection is tried (through ``HTTPS_PROXY`` when one is set): whether
+    the model exists is for the download to say.
+    """
+    import socket
+    import urllib.parse
+
+    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
+    url = urllib.parse.urlparse(proxy or endpoint)
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    if not host:
+        return None
+    try:
+        socket.create_connection((host, port), timeout=HUB_PROBE_TIMEOUT).close()
+    except OSError as err:
+        return f"{host}:{port}: {err.strerror or err}"
+    return None
 
 
 def gguf_to_hf_dir(gguf_path: str) -> Path:

@@ -26,6 +26,7 @@ need loss gradients (``fwsvd``) need the whole model and are refused too.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
@@ -181,15 +182,16 @@ def _release(model: nn.Module, module: nn.Module) -> None:
     swap_parameters(module, new)
 
 
+def _tensor_fingerprint(tensor: Tensor) -> dict:
+    data = tensor.detach().cpu().contiguous()
+    return {"shape": list(data.shape), "sha256": hashlib.sha256(data.numpy().tobytes()).hexdigest()}
+
+
 def _fingerprint(reader, config: MethodConfig, calibration: Tensor, extra: dict) -> dict:
-    data = calibration.detach().cpu().contiguous()
     return {
         "model": reader.fingerprint(),
         "method_config": config.to_dict(),
-        "calibration": {
-            "shape": list(data.shape),
-            "sha256": hashlib.sha256(data.numpy().tobytes()).hexdigest(),
-        },
+        "calibration": _tensor_fingerprint(calibration),
         **extra,
     }
 
@@ -240,6 +242,69 @@ def _barrier(dist: Dist | None) -> None:
         dist.barrier()
 
 
+@contextlib.contextmanager
+def _outside_blocks_loaded(model: nn.Module, loader: CheckpointLoader, block_names: list[str]):
+    """Modules outside the blocks (embeddings, final norm, head) load when first called
+    inside the ``with``, and are released at its end."""
+    loaded: list[str] = []
+
+    def lazy(name):
+        def hook(module, args):
+            if any(p.device.type == "meta" for p in module.parameters(recurse=False)):
+                loader.load_module(name, recurse=False)
+                loaded.append(name)
+
+        return hook
+
+    handles = []
+    for name, sub in model.named_modules():
+        inside = any(name == b or name.startswith(b + ".") for b in block_names)
+        if not inside and any(True for _ in sub.parameters(recurse=False)):
+            handles.append(sub.register_forward_pre_hook(lazy(name)))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for name in loaded:
+            _release(model, model.get_submodule(name) if name else model)
+        return_freed_memory()
+
+
+@torch.no_grad()
+def _eval_outputs(block: nn.Module, store: ActivationStore, state: dict) -> Iterable[Tensor]:
+    """The dense ``block``'s outputs on the evaluation stream (recording whether blocks
+    return tuples, which the final head pass needs)."""
+    from ..calibrate.sequential import block_output
+    from ..evaluate.streamed import returns_tuple
+
+    for b in store:
+        out = block(b.hidden, *b.args, **b.kwargs)
+        state["block_returns_tuple"] = returns_tuple(out)
+        yield block_output(out)
+
+
+def _held_out_perplexity(model, loader, blocks, job, evald, evalc, state, device) -> dict:
+    """Dense and compressed perplexity of the evaluation windows from their final hidden
+    states (the head and final norm are loaded for this and released again)."""
+    from ..evaluate.streamed import perplexity_after_blocks
+
+    result = {"data": job.eval_data, "seq_len": int(job.eval_windows.shape[1])}
+    with _outside_blocks_loaded(model, loader, [b for b, _ in blocks]):
+        for label, store in (("dense", evald), ("compressed", evalc)):
+            result[label], _ = perplexity_after_blocks(
+                model,
+                [b for _, b in blocks],
+                job.eval_windows,
+                [s.hidden for s in store],
+                4,
+                job.eval_prefix,
+                bool(state.get("block_returns_tuple", False)),
+                device,
+            )
+    return result
+
+
 @dataclass
 class StreamJob:
     """Where the streaming pipeline reads from and writes to (besides the plan).
@@ -257,6 +322,11 @@ class StreamJob:
         start: ``time.perf_counter()`` when the entry point started.
         overwrite: a partial output whose inputs differ is discarded (else: refused).
         report: write ``report.md`` / ``report.html`` / ``ranks.png`` into the output.
+        eval_windows: ``(n, L)`` held-out token windows: their perplexity before and after
+            compression is measured on the way (the windows travel through each block
+            beside the calibration data) and written to ``rankcut.json`` and the report.
+        eval_prefix: positions of each evaluation window that are context only (a BOS).
+        eval_data: what the evaluation text was (recorded with the perplexities).
     """
 
     reader: CheckpointReader
@@ -272,6 +342,9 @@ class StreamJob:
     start: float = field(default_factory=time.perf_counter)
     overwrite: bool = False
     report: bool = True
+    eval_windows: Tensor | None = None
+    eval_prefix: int = 0
+    eval_data: str | None = None
 
 
 @register_pipeline(
@@ -305,6 +378,9 @@ def run_streaming(model, plan, calibration, *, progress=True, job: StreamJob) ->
     world = 1 if dist is None else dist.world
     progress = progress and main
     extra_fp = {"rankcut_state": STATE_VERSION, "processes": world}
+    evaluating = job.eval_windows is not None
+    if evaluating:
+        extra_fp["evaluation"] = _tensor_fingerprint(job.eval_windows)
     fingerprint = _fingerprint(reader, config, calibration, extra_fp)
     calibration = split_windows(calibration, dist)
     acts = work if main else work / f"rank{dist.rank}"
@@ -339,40 +415,31 @@ def run_streaming(model, plan, calibration, *, progress=True, job: StreamJob) ->
 
     # Block-0 inputs: the modules before the first block are loaded when called.
     block_names = [b for b, _ in blocks]
-    pre_loaded: list[str] = []
-
-    def lazy(name):
-        def hook(module, args):
-            if any(p.device.type == "meta" for p in module.parameters(recurse=False)):
-                loader.load_module(name, recurse=False)
-                pre_loaded.append(name)
-
-        return hook
-
-    handles = []
-    for name, sub in model.named_modules():
-        inside = any(name == b or name.startswith(b + ".") for b in block_names)
-        if not inside and any(True for _ in sub.parameters(recurse=False)):
-            handles.append(sub.register_forward_pre_hook(lazy(name)))
-    try:
+    evaluating = evaluating and main  # rank 0 alone measures the perplexities
+    with _outside_blocks_loaded(model, loader, block_names):
         captured = capture_block_inputs(model, blocks[0][1], calibration, 4, device=device)
-    finally:
-        for h in handles:
-            h.remove()
-    for name in pre_loaded:
-        _release(model, model.get_submodule(name) if name else model)
-    return_freed_memory()
+        held = (
+            capture_block_inputs(model, blocks[0][1], job.eval_windows, 4, device=device)
+            if evaluating
+            else []
+        )
     rest = [(b.args, b.kwargs) for b in captured]
+    held_rest = [(b.args, b.kwargs) for b in held]
 
     def stream(tag, k, hiddens=None):
         folder_k = acts / f"{tag}-{k}"
+        extra_args = held_rest if tag.startswith("eval") else rest
         if hiddens is None:
-            return ActivationStore.open(folder_k, rest, limit, device)
-        return ActivationStore.write(folder_k, rest, limit, device, hiddens)
+            return ActivationStore.open(folder_k, extra_args, limit, device)
+        return ActivationStore.write(folder_k, extra_args, limit, device, hiddens)
 
+    evald = evalc = None
     if done < 0:
         comp = stream("comp", -1, (b.hidden for b in captured))
         dense = stream("dense", -1, (b.hidden for b in captured)) if config.refit else None
+        if evaluating:
+            evald = stream("evald", -1, (b.hidden for b in held))
+            evalc = stream("evalc", -1, (b.hidden for b in held))
     else:
         for name, structure in state["layers"].items():
             layer_cls = LAYER_TYPES[structure["type"]]
@@ -380,7 +447,11 @@ def run_streaming(model, plan, calibration, *, progress=True, job: StreamJob) ->
             replace_module(model, name, layer_cls.from_structure(structure, "meta", dtype))
         comp = stream("comp", done)
         dense = stream("dense", done) if config.refit else None
-    del captured
+        if evaluating:
+            evald, evalc = stream("evald", done), stream("evalc", done)
+    del captured, held
+    # Time spent by earlier processes of a resumed run (up to their last finished block).
+    elapsed_before = float(state.get("elapsed_seconds", 0.0))
     fault = os.environ.get(FAULT_ENV)
 
     bar = tqdm(
@@ -394,6 +465,7 @@ def run_streaming(model, plan, calibration, *, progress=True, job: StreamJob) ->
             {n: model.get_submodule(n) for n in todo if n.startswith(block_name + ".")}
         )
         spill_dir = acts / f"block-{k}"
+        new_evald = stream("evald", k, _eval_outputs(block, evald, state)) if evaluating else None
         dense_out = compress_block(
             model,
             block_name,
@@ -408,6 +480,7 @@ def run_streaming(model, plan, calibration, *, progress=True, job: StreamJob) ->
         )
         new_comp = stream("comp", k, advance(block, comp))
         new_dense = stream("dense", k, dense_out) if dense_out is not None else None
+        new_evalc = stream("evalc", k, advance(block, evalc)) if evaluating else None
         del dense_out
         shutil.rmtree(spill_dir, ignore_errors=True)
         _barrier(dist)  # every rank's activations are on disk before the state moves on
@@ -427,20 +500,24 @@ def run_streaming(model, plan, calibration, *, progress=True, job: StreamJob) ->
         return_freed_memory()
         state["done"] = k
         state["layer_seconds"].append(round(time.perf_counter() - t0, 3))
+        state["elapsed_seconds"] = round(elapsed_before + time.perf_counter() - job.start, 3)
         if main:
             atomic_write_text(state_path, json.dumps(state, indent=1))
         _barrier(dist)
-        comp.remove()
-        if dense is not None:
-            dense.remove()
-        comp, dense = new_comp, new_dense
+        for old in (comp, dense, evald, evalc):
+            if old is not None:
+                old.remove()
+        comp, dense, evald, evalc = new_comp, new_dense, new_evald, new_evalc
         bar.update(1)
         if fault is not None and int(fault) == k:
             raise InjectedFault(f"fault injected after layer {k} ({FAULT_ENV})")
     bar.close()
-    comp.remove()
-    if dense is not None:
-        dense.remove()
+    perplexity = None
+    if evaluating:
+        perplexity = _held_out_perplexity(model, loader, blocks, job, evald, evalc, state, device)
+    for old in (comp, dense, evald, evalc):
+        if old is not None:
+            old.remove()
     if not main:
         _barrier(dist)  # rank 0 writes the rest of the output
         return None
@@ -476,7 +553,8 @@ def run_streaming(model, plan, calibration, *, progress=True, job: StreamJob) ->
         {
             "ranks": plan.final_ranks,
             "kept_dense": plan.kept,
-            "compression_seconds": round(time.perf_counter() - job.start, 3),
+            # Every process of a resumed run counts (not the work a kill made it redo).
+            "compression_seconds": round(elapsed_before + time.perf_counter() - job.start, 3),
             "streaming": {
                 "layer_seconds": state["layer_seconds"],
                 "shards": n_shards,
@@ -484,6 +562,7 @@ def run_streaming(model, plan, calibration, *, progress=True, job: StreamJob) ->
                 "processes": world,
             },
             **job.extra,
+            **({"perplexity": perplexity} if perplexity is not None else {}),
         },
     )
     model.config.save_pretrained(partial)
