@@ -8,7 +8,8 @@ Usage:
 
 Each version runs ``rankcut compress --model smollm2-135m --ratio R --samples N
 --seq-len L --out DIR --overwrite`` (the default recipe: svd-llm, global allocation,
-sequential pipeline) in a fresh process under pyinstrument. ``before`` is the code of
+sequential pipeline) in a fresh process under pyinstrument, the calibration windows
+sampled afresh in each (``RANKCUT_CALIB_CACHE=0``). ``before`` is the code of
 another checkout (a git worktree at the commit the optimisation starts from), put first
 on ``PYTHONPATH``; ``after`` is this checkout. The reduced calibration (8 x 256 tokens
 by default, against the recipe's 32 x 512) keeps a profile short; the ranking of the
@@ -68,6 +69,9 @@ print(json.dumps({"total": total, "cum": cum, "own": own, "rankcut": rankcut.__f
 
 def _env(src: str | None) -> dict[str, str]:
     env = dict(os.environ)
+    # Equal terms: every version samples its calibration windows (the cache of sampled
+    # windows, where the code has one, is off), so "loading" holds the same work.
+    env["RANKCUT_CALIB_CACHE"] = "0"
     if src:
         env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
     return env
@@ -87,7 +91,8 @@ def profile(version: str, src: str | None, args: argparse.Namespace) -> dict:
             raise SystemExit(f"{version} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
         data = json.loads(proc.stdout.strip().splitlines()[-1])
         meta = json.loads((out / "rankcut.json").read_text())
-    data["phases"] = meta.get("phases") or meta.get("timings") or {}
+    data["phases"] = meta.get("phases") or {}
+    data["ranks"] = meta.get("ranks") or {}
     data["command"] = "rankcut " + " ".join(cli).replace(str(out), "/tmp/x")
     data["version"] = version
     data["src"] = src or str(ROOT / "src")
@@ -111,6 +116,14 @@ def render(runs: list[dict], args: argparse.Namespace) -> str:
         "to keep a profile short.",
         "",
     ]
+    if len(runs) > 1:
+        same = all(run["ranks"] == runs[0]["ranks"] for run in runs[1:])
+        lines += [
+            "Ranks written by the versions (`ranks` of `rankcut.json`): "
+            + ("identical" if same else "**different**")
+            + f" ({len(runs[0]['ranks'])} matrices).",
+            "",
+        ]
     for run in runs:
         lines += [
             f"## {run['version']}",

@@ -109,6 +109,19 @@ def test_combined_pass_equals_slow_references(make):
         assert stats[name].fisher_in is None
 
 
+def test_batched_gram_pass_equals_the_float64_reference():
+    """Gram only (no gradient needed): windows share a forward, sums stay exact."""
+    model = tiny_llama()
+    modules = find_targets(model)
+    windows = _windows(count=5)
+    stats = collect_layer_stats(model, modules, windows, frozenset({"gram", "abs_mean"}), False)
+    grams = reference_gram(model, modules, windows)
+    for name in modules:
+        assert_close(stats[name].inputs.gram, grams[name])
+        assert stats[name].inputs.tokens == windows.numel()
+        assert stats[name].fisher_out is None
+
+
 def test_combined_pass_equals_separate_passes():
     model = tiny_llama()
     modules = find_targets(model)

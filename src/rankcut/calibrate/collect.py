@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 #: Label value a Hugging Face causal-LM loss leaves out of its mean (``ForCausalLMLoss``).
 IGNORE_INDEX = -100
-#: Tokens per batch of the output-Fisher pass (bounded activation memory), and the most
+#: Tokens per batch of the whole-model passes (bounded activation memory), and the most
 #: windows in one batch.
 FISHER_BATCH_TOKENS = 2048
 FISHER_MAX_BATCH = 8
@@ -392,8 +392,10 @@ def collect_layer_stats(
             progress=progress,
         )
     elif gram or abs_mean:
+        # sums over tokens: windows of equal length share a forward (bounded memory)
+        batch = max(1, min(FISHER_MAX_BATCH, FISHER_BATCH_TOKENS // max(windows.shape[-1], 1)))
         inputs = collect_input_stats(
-            model, modules, windows, gram=gram, abs_mean=abs_mean, progress=progress
+            model, modules, windows, gram, abs_mean, batch_size=batch, progress=progress
         )
     else:
         inputs = None

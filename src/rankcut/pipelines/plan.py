@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from ..calibrate import collect_layer_stats
 from ..calibrate.sensitivity import loss_table
 from ..decompose import all_finite
+from ..decompose.threads import threads_for
 from ..errors import RankcutError
 from ..evaluate.params import param_summary
 from ..layers import dense_shape, dense_weight
@@ -279,12 +280,14 @@ def whitened_spectrum(weight: Tensor, fisher_out: Tensor | None = None):
         >>> s.tolist(), score.tolist()
         ([3.0, 2.0], [9.0, 2.0])
     """
-    if fisher_out is None:
-        return torch.linalg.svdvals(weight), None
     m, n = weight.shape
+    if fisher_out is None:
+        with threads_for(max(m, n), weight.device):
+            return torch.linalg.svdvals(weight), None
     tall = m > n
     gram = weight.T @ weight if tall else weight @ weight.T
-    evals, evecs = torch.linalg.eigh(gram)  # ascending
+    with threads_for(min(m, n), weight.device):  # a small eigh: one thread (shared machines)
+        evals, evecs = torch.linalg.eigh(gram)  # ascending
     evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
     f = fisher_out.to(torch.float64)[:, None]
     if tall:  # s_i u_i = W v_i, so s_i^2 u_ji^2 = (W v_i)_j^2
