@@ -95,18 +95,27 @@ def test_sltrain_init_follows_the_authors():
     )  # the support, row-major
 
 
-@pytest.mark.parametrize("tokens", [1, 2, 50])
-def test_sltrain_forward_equals_its_dense_equivalent_on_both_paths(tokens):
-    layer = sltrain_layer()
+@pytest.mark.parametrize(
+    "tokens, path", [(1, "gather"), (10, "gather"), (11, "scatter"), (24, "scatter"), (50, "dense")]
+)
+def test_sltrain_forward_equals_its_dense_equivalent_on_every_path(tokens, path):
+    layer = sltrain_layer(out_features=40, in_features=60, nnz=240)
+    assert layer.path_for(tokens) == path
     x = torch.randn(tokens, layer.in_features, dtype=torch.float64)
     expected = x @ layer.weight_product().T + layer.bias
     torch.testing.assert_close(layer(x), expected)
     torch.testing.assert_close(layer(x[None]), expected[None])
-    assert layer.gathers_for(tokens) == (tokens * layer.nnz <= 12 * 20)
     counted = count_macs(layer, x[None])
     assert layer.macs(tokens) == counted.macs, counted.products
-    s_macs = layer.nnz if layer.gathers_for(tokens) else 12 * 20
-    assert layer.macs(tokens) == tokens * (3 * (12 + 20) + s_macs)
+    low_rank = tokens * 3 * (40 + 60)
+    expected_macs = {
+        "gather": low_rank + tokens * 240,
+        "scatter": low_rank + tokens * 2400,
+        "dense": 3 * 2400 + tokens * 2400,
+    }
+    assert layer.macs(tokens) == expected_macs[path]
+    if path == "dense":  # fewer multiply-adds than the factors would take
+        assert layer.macs(tokens) < low_rank + tokens * 2400
 
 
 def test_sltrain_weight_product_is_scaled_low_rank_plus_sparse():
@@ -118,12 +127,12 @@ def test_sltrain_weight_product_is_scaled_low_rank_plus_sparse():
     torch.testing.assert_close(layer.weight_product().detach(), expected)
 
 
-@pytest.mark.parametrize("tokens", [1, 50])
+@pytest.mark.parametrize("tokens", [1, 16, 50])  # gather, scatter, dense
 def test_sltrain_gradients_reach_values_and_factors_never_the_support(tokens):
-    layer = sltrain_layer()
+    layer = sltrain_layer(out_features=40, in_features=60, nnz=240)
     support = (layer.crow.clone(), layer.col.clone())
-    x = torch.randn(tokens, 20, dtype=torch.float64)
-    target = torch.randn(tokens, 12, dtype=torch.float64)
+    x = torch.randn(tokens, 60, dtype=torch.float64)
+    target = torch.randn(tokens, 40, dtype=torch.float64)
     ((layer(x) - target) ** 2).sum().backward()
     for name, p in layer.named_parameters():
         assert p.grad is not None and torch.count_nonzero(p.grad) > 0, name
