@@ -34,9 +34,15 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "train", help="train with low rank (from scratch or a pretrained model) and save"
     )
     add = parser.add_argument
-    add("--data", required=True, help="training text: corpus name, .txt file or folder")
+    add(
+        "--data",
+        required=True,
+        metavar="TEXT",
+        help="training text: corpus name, .txt file or folder",
+    )
     add(
         "--eval-data",
+        metavar="TEXT",
         help="validation text (default: shakespeare-heldout for shakespeare, else the "
         "last 10%% of --data, never trained on)",
     )
@@ -45,19 +51,31 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     source.add_argument(
         "--arch", help="from scratch: tiny (default), micro, or a Llama config JSON file"
     )
-    add("--method", default="dense", help=f"training method: {METHOD_HELP} (default dense)")
-    add("--rank", type=int, help="the method's rank (galore: its projection rank)")
+    add(
+        "--method",
+        default="dense",
+        metavar="NAME",
+        help=f"training method: {METHOD_HELP} (default dense)",
+    )
+    add("--rank", type=int, metavar="R", help="the method's rank (galore: its projection rank)")
     add(
         "--param-ratio",
         type=float,
+        metavar="P",
         help="factorized methods hold this fraction of the dense targets' parameters, (0, 1]",
     )
-    add("--steps", type=int, default=200, help="optimizer steps (200)")
-    add("--batch", type=int, default=8, help="windows per step (8)")
-    add("--seq-len", type=int, default=128, help="tokens per window (128)")
+    add("--steps", type=int, default=200, metavar="N", help="optimizer steps (200)")
+    add("--batch", type=int, default=8, metavar="B", help="windows per step (8)")
+    add("--seq-len", type=int, default=128, metavar="L", help="tokens per window (128)")
     add("--lr", type=float, help="peak learning rate (1e-3 from scratch, 5e-5 from --model)")
-    add("--seed", type=int, default=0, help="seed of weights, method and data order (0)")
-    add("--out", help="output folder (default runs/train-SOURCE-METHOD)")
+    add(
+        "--seed",
+        type=int,
+        default=0,
+        metavar="S",
+        help="seed of weights, method and data order (0)",
+    )
+    add("--out", metavar="DIR", help="output folder (default runs/train-SOURCE-METHOD)")
     add(
         "--resume", action="store_true", help="continue the killed run whose checkpoint is in --out"
     )
@@ -70,13 +88,42 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="a method option (repeatable)",
     )
-    add("--eval-every", type=int, default=50, help="validation perplexity every N steps (50)")
-    add("--eval-tokens", type=int, default=16384, help="validation tokens scored (16384)")
-    add("--checkpoint-every", type=int, default=50, help="checkpoint every N steps (50; 0 never)")
-    add("--warmup", type=int, help="linear warm-up steps (default 5%% of --steps, at most 100)")
+    add(
+        "--eval-every",
+        type=int,
+        metavar="N",
+        default=50,
+        help="validation perplexity every N steps (50)",
+    )
+    add(
+        "--eval-tokens",
+        type=int,
+        metavar="N",
+        default=16384,
+        help="validation tokens scored (16384)",
+    )
+    add(
+        "--checkpoint-every",
+        type=int,
+        metavar="N",
+        default=50,
+        help="checkpoint every N steps (50; 0 never)",
+    )
+    add(
+        "--warmup",
+        type=int,
+        metavar="N",
+        help="linear warm-up steps (default 5%% of --steps, at most 100)",
+    )
     add("--schedule", default="cosine", help="after the warm-up: cosine (default) or constant")
     add("--grad-clip", type=float, default=1.0, help="gradient-norm clipping (1.0; 0 off)")
-    add("--vocab-size", type=int, default=8192, help="from scratch: BPE vocabulary size (8192)")
+    add(
+        "--vocab-size",
+        type=int,
+        metavar="N",
+        default=8192,
+        help="from scratch: BPE vocabulary size (8192)",
+    )
     add("--device", choices=DEVICES, help="default: cuda when available")
     parser.set_defaults(func=cmd_train)
     return parser
