@@ -21,7 +21,7 @@ DEFAULTS = {
     "ratio": 0.2,
     "calib": "auto",
     "samples": 32,
-    "seq_len": 512,
+    "seq_len": None,  # not chosen: 512, or the model's positions if fewer
     "out": None,
     "device": None,
     "seed": 0,
@@ -37,7 +37,7 @@ DEFAULTS = {
     "recover_lora": 0,
     "recover_data": "auto",
     "recover_windows": None,
-    "recover_seq_len": 256,
+    "recover_seq_len": None,  # not chosen: 256, or the model's positions if fewer
     "distill": 1.0,
     "eval_data": None,
     "offload_dir": None,

@@ -116,11 +116,12 @@ def test_inspect_non_empty_out_needs_overwrite(capsys, tmp_path, tiny_llama_dir)
 # --------------------------------------------------------------------------- 2. --seq-len
 
 
-def test_compress_seq_len_beyond_positions(capsys, tmp_path, gpt2_128_dir, calib_file):
+@pytest.mark.parametrize("seq_len", ["256", "512"])  # 512 = the default, given explicitly
+def test_compress_seq_len_beyond_positions(capsys, tmp_path, gpt2_128_dir, calib_file, seq_len):
     out = tmp_path / "out"
-    args = compress_args(gpt2_128_dir, out, "svd-llm", calib_file, extra=["--seq-len", "256"])
+    args = compress_args(gpt2_128_dir, out, "svd-llm", calib_file, extra=["--seq-len", seq_len])
     code = run(*args)
-    assert_user_error(capsys, code, "--seq-len 256", "128 positions")
+    assert_user_error(capsys, code, f"--seq-len {seq_len}", "128 positions")
     assert_nothing_written(out)
 
 

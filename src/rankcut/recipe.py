@@ -217,7 +217,9 @@ class CompressRecipe(Options):
         "shakespeare+generated for causal LMs, shakespeare for encoders",
     )
     samples: int = _opt(32, "calibration windows")
-    seq_len: int = _opt(512, "tokens per calibration window")
+    seq_len: int | None = _opt(
+        None, "tokens per calibration window (default 512, or the model's positions if fewer)"
+    )
     out: str | None = _opt(None, "output folder (default runs/MODEL-METHOD-RATIO)")
     device: str | None = _opt(None, "default: cuda when available", choices=DEVICES)
     seed: int = _opt(0, "seed for window sampling")
@@ -268,8 +270,11 @@ class CompressRecipe(Options):
     )
     recover_data: str = _opt("auto", "recovery " + _DATA_HELP.format("--calib", "dense"))
     recover_windows: int | None = _opt(None, "recovery: " + _WINDOWS_HELP, metavar="N")
-    recover_seq_len: int = _opt(
-        RECOVERY_SEQ_LEN, "recovery: tokens per training window", metavar="T"
+    recover_seq_len: int | None = _opt(
+        None,
+        f"recovery: tokens per training window (default {RECOVERY_SEQ_LEN}, or the model's "
+        "positions if fewer)",
+        metavar="T",
     )
     distill: float = _opt(
         1.0, "recovery: share of distillation from the dense model in the loss (0 = CE only)"
@@ -301,7 +306,7 @@ class CompressRecipe(Options):
         # empty-tensor error; say which option is wrong instead.
         for name in ("samples", "seq_len", "recover_seq_len"):
             value = getattr(self, name)
-            if value < 1:
+            if value is not None and value < 1:
                 flag = "--" + name.replace("_", "-")
                 raise ConfigError(f"recipe: {name!r} ({flag}) must be at least 1, got {value}")
 
@@ -402,7 +407,7 @@ class CompressRecipe(Options):
         """
         return {
             "steps": self.recover,
-            "seq_len": self.recover_seq_len,
+            "seq_len": self.recover_seq_len or RECOVERY_SEQ_LEN,  # None: not resolved yet
             "seed": self.seed,
             "count": self.recover_windows,
         }

@@ -148,25 +148,58 @@ def check_seq_len(model: str | os.PathLike | nn.Module, seq_len: int | None, fla
         )
 
 
-def _fit_seq_lens(model, recipe: CompressRecipe, needs_data: bool) -> CompressRecipe:
+#: Calibration window length when none is given (shortened to the model's positions).
+DEFAULT_SEQ_LEN = 512
+
+
+def fit_seq_len(
+    model, value: int | None, flag: str, default: int = DEFAULT_SEQ_LEN, final: bool = True
+) -> int | None:
+    """A window length ``model`` takes: ``value`` checked, or the default that fits.
+
+    A length the user gave (``value``) beyond the model's positions is refused; when
+    none was given (``None``), ``default`` is shortened to the positions instead, since
+    the user asked for no particular length. With ``final=False`` a model that does not
+    declare its positions yet (a hub id or GGUF file before loading) keeps ``None``, to
+    be fitted once it is loaded.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> gpt2 = SimpleNamespace(config=SimpleNamespace(n_positions=128))
+        >>> fit_seq_len(gpt2, None, "--seq-len"), fit_seq_len(gpt2, 64, "--seq-len")
+        (128, 64)
+    """
+    if value is not None:
+        check_seq_len(model, value, flag)
+        return value
+    limit = declared_positions(model)
+    if limit is None:
+        return None if not final else default
+    if limit < default:
+        logger.info("%s: the default %d is longer than the model; using %d", flag, default, limit)
+        return limit
+    return default
+
+
+def _fit_seq_lens(model, recipe: CompressRecipe, needs_data: bool, final: bool) -> CompressRecipe:
     """``recipe`` with window lengths that ``model`` takes, or a ``RankcutError``.
 
-    A length left at its default is shortened to the model's positions (the user asked
-    for no particular length; the resolved value is written to ``recipe.json``); any
-    other length beyond them is refused.
+    Lengths left unset get the default that fits (written to ``recipe.json``); lengths
+    given beyond the model's positions are refused, when they are used.
     """
-    fields = {f.name: f for f in dataclasses.fields(recipe)}
-    limit = declared_positions(model)
+    from .data.recovery import RECOVERY_SEQ_LEN
+
     changes = {}
-    for name, used in (("seq_len", needs_data), ("recover_seq_len", bool(recipe.recover))):
-        value = getattr(recipe, name)
-        if not used:
-            continue
-        if limit is not None and value > limit and value == fields[name].default:
-            logger.info("%s: the default %d is longer than the model; using %d", name, value, limit)
-            changes[name] = limit
-        else:
-            check_seq_len(model, value, "--" + name.replace("_", "-"))
+    lengths = (
+        ("seq_len", DEFAULT_SEQ_LEN, needs_data),
+        ("recover_seq_len", RECOVERY_SEQ_LEN, bool(recipe.recover)),
+    )
+    for name, default, used in lengths:
+        value, flag = getattr(recipe, name), "--" + name.replace("_", "-")
+        if value is None:
+            changes[name] = fit_seq_len(model, None, flag, default, final)
+        elif used:
+            check_seq_len(model, value, flag)
     return dataclasses.replace(recipe, **changes) if changes else recipe
 
 
@@ -213,14 +246,15 @@ def run(recipe: CompressRecipe, *, overwrite: bool = False, progress: bool = Tru
     io.check_output_dir(out, overwrite)  # fail before any heavy work (writability too)
     device = resolve_device(recipe.device)
     torch.manual_seed(recipe.seed)
-    resolve(recipe.model)  # a clear error for bad paths/aliases before loading
+    kind, _ = resolve(recipe.model)  # a clear error for bad paths/aliases before loading
     needs_data = bool(
         spec.needs
         or ALLOCATORS[config.allocation].needs
         or config.pipeline == "sequential"
         or recipe.recover
     )
-    recipe = _fit_seq_lens(recipe.model, recipe, needs_data)
+    # A hub id or GGUF file declares its positions only once loaded: fitted again then.
+    recipe = _fit_seq_lens(recipe.model, recipe, needs_data, final=kind not in ("hub", "gguf"))
     if needs_data:
         validate_spec(recipe.calib)  # before loading the model
     heldout = load_text(recipe.eval_data) if recipe.eval_data else None
@@ -250,7 +284,7 @@ def _run_in_memory(
 
     model = io.load(recipe.model, device=device)
     # Again on the loaded config: a hub id or GGUF file declares its positions only now.
-    recipe = _fit_seq_lens(model, recipe, needs_data)
+    recipe = _fit_seq_lens(model, recipe, needs_data, final=True)
     recipe = dataclasses.replace(recipe, calib=resolve_spec(recipe.calib, model), out=str(out))
     result = RunResult(out, None, recipe)
     calib = None

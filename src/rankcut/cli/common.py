@@ -86,24 +86,14 @@ def silence_libraries() -> None:
     hf_logging.set_verbosity_error()
 
 
-#: Window length of ``eval`` and ``inspect`` when ``--seq-len`` is not given.
-DEFAULT_SEQ_LEN = 512
-
-
 def resolve_seq_len(model: str, seq_len: int | None) -> int:
-    """``--seq-len`` checked against the model's positions, or the default that fits.
-
-    A given length longer than the model's config declares is refused before loading;
-    the default (512) is shortened to the model's positions instead, since the user
-    asked for no particular length.
+    """``--seq-len`` checked against the model's positions, or the default that fits
+    (``rankcut.runner.fit_seq_len``: a given length is refused, the default shortened).
 
     Example:
         >>> resolve_seq_len("no-such-model", 64)  # doctest: +SKIP
         64
     """
-    from ..runner import check_seq_len, declared_positions
+    from ..runner import fit_seq_len
 
-    if seq_len is None:
-        return min(DEFAULT_SEQ_LEN, declared_positions(model) or DEFAULT_SEQ_LEN)
-    check_seq_len(model, seq_len, "--seq-len")
-    return seq_len
+    return fit_seq_len(model, seq_len, "--seq-len")
