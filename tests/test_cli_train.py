@@ -169,3 +169,21 @@ def test_a_sigkilled_run_resumes_to_the_uninterrupted_result(tmp_path, text_file
     a, b = load_file(str(whole / "model.safetensors")), load_file(str(cut / "model.safetensors"))
     assert all((a[k] == b[k]).all() for k in a) and a.keys() == b.keys()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".cut")] == []
+
+
+def test_fine_tune_a_pretrained_model_with_trp(capsys, tmp_path, text_file, tiny_llama_dir):
+    out = tmp_path / "trp"
+    args = ["--data", text_file, "--model", tiny_llama_dir, "--method", "trp", "--steps", "3"]
+    args += ["--param-ratio", "0.5", "--seq-len", "32", "--batch", "2", "--eval-tokens", "256"]
+    assert run("train", *args, "--out", out) == 0
+    meta = json.loads((out / "rankcut.json").read_text())
+    assert meta["source_model"] == str(tiny_llama_dir)
+    assert meta["training"]["source"] == str(tiny_llama_dir)
+    assert meta["training"]["config"]["lr"] == 5e-5  # the fine-tuning default
+    assert meta["layers"], "TRP saves its weights factorized"
+    capsys.readouterr()
+    assert (
+        run("eval", out, "--data", text_file, "--tokens", "256", "--seq-len", "32", "--json") == 0
+    )
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["params_total"] < report["params_dense_equivalent"]
