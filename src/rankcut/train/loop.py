@@ -383,7 +383,7 @@ def lr_factor(step: int, steps: int, warmup: int, schedule: str = "cosine") -> f
 
     Example:
         >>> [round(lr_factor(s, 10, 2), 3) for s in (0, 1, 9)]
-        [0.5, 1.0, 0.103]
+        [0.5, 1.0, 0.1]
     """
     if step < warmup:
         return (step + 1) / warmup
