@@ -432,6 +432,8 @@ def test_maestro_shrinks_during_training_and_keeps_training():
     assert all(math.isfinite(x) for x in run.losses)
     summary = run.method.finalize(model, setup)
     assert set(summary["trained_ranks"].values()) == {1} and not summary["cut"]
+    assert {e["layer"] for e in summary["shrinking"]} == set(setup.targets)
+    assert {(e["step"], e["to"]) for e in summary["shrinking"]} == {(1, 1)}
     assert {type(model.get_submodule(n)) for n in setup.targets} == {MaestroLinear}
 
 

@@ -528,6 +528,11 @@ class MaestroMethod(LowRankTrainMethod):
         summary = self.layer_summary(model, setup.targets)
         summary["trained_ranks"] = trained
         summary["cut"] = bool(self._cut)
+        history = self._shrink.history if self._shrink is not None else []
+        summary["shrinking"] = [
+            {"step": step, "layer": name, "from": old, "to": new}
+            for step, name, old, new in history
+        ]
         return summary
 
 
