@@ -174,3 +174,30 @@ def test_smollm2_calibration_windows_are_what_generate_drew():
     model = rankcut.load("smollm2-135m")
     ours = generated_windows(model, tok, 3, 48, 0, batch_size=2, progress=False)
     assert torch.equal(ours, generate_reference(model, tok, 3, 48, 0, 2))
+
+
+def test_batches_sampled_together_are_the_batches_one_by_one(tiny_tokenizer, monkeypatch):
+    """Several batches in one forward pass per token, each with its generator replayed
+    to where it would be: the windows of sampling them one after another."""
+    import rankcut.data.sampling as sampling
+
+    model = tiny_llama(len(tiny_tokenizer))
+    shared = []
+    together = sampling._Sampler.together
+
+    def spy(self, start, sizes, seq_len, bar):
+        shared.append(list(sizes))
+        return together(self, start, sizes, seq_len, bar)
+
+    monkeypatch.setattr(sampling._Sampler, "together", spy)
+    # (batches of 4 give this tiny model's rows the same logits in a batch of 8 or 12;
+    # batches of 2 do not, and are then sampled one by one)
+    ids = generated_windows(model, tiny_tokenizer, 12, 20, 4, batch_size=4, progress=False)
+    assert shared == [[4, 4, 4]]  # the batch invariance check passed: one pass for all
+    monkeypatch.setattr(sampling, "sampling_batch", lambda model, seq_len: 4)
+    one_by_one = generated_windows(model, tiny_tokenizer, 12, 20, 4, batch_size=4, progress=False)
+    assert shared == [[4, 4, 4]] and torch.equal(ids, one_by_one)
+    # the generator moves on after batches drawn together as after batches one by one
+    monkeypatch.setattr(sampling, "sampling_batch", lambda model, seq_len: 8)
+    pairs = generated_windows(model, tiny_tokenizer, 12, 20, 4, batch_size=4, progress=False)
+    assert shared[1:] == [[4, 4]] and torch.equal(ids, pairs)

@@ -8,10 +8,12 @@ A factorization ``W ~= up @ down`` has ``up`` of shape ``(out, r)`` and ``down``
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
-from .threads import small_on_one_thread
+from .threads import threads_for
 
 
 def all_finite(t: Tensor) -> bool:
@@ -38,7 +40,6 @@ def check_rank(weight: Tensor, rank: int) -> None:
 GRAM_ROUTE_MIN_RATIO = 1e-4
 
 
-@small_on_one_thread
 def truncated_svd(matrix: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
     """Leading ``rank`` singular triplets of ``matrix``, computed in float64.
 
@@ -60,9 +61,14 @@ def truncated_svd(matrix: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
     check_rank(matrix, rank)
     a = matrix.to(torch.float64)
     m, n = a.shape
+    # The decompositions are of the smaller side (the Gram products are plain GEMMs).
+    few_threads = functools.partial(threads_for, min(m, n), a.device)
     if rank < min(m, n):
         tall = m >= n
-        evals, evecs = torch.linalg.eigh(a.T @ a if tall else a @ a.T)  # ascending
+        gram = a.T @ a if tall else a @ a.T
+        with few_threads():
+            evals, evecs = torch.linalg.eigh(gram)  # ascending
+        del gram
         s = evals[-rank:].flip(0).clamp_min(0).sqrt()
         if s[-1] > GRAM_ROUTE_MIN_RATIO * s[0]:
             side = evecs[:, -rank:].flip(1)
@@ -71,7 +77,8 @@ def truncated_svd(matrix: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
                 return (a @ side).div_(s), s, side.T.contiguous()
             return side.contiguous(), s, (side.T @ a).div_(s[:, None])  # side = U_r
         del evals, evecs
-    u, s, vh = torch.linalg.svd(a, full_matrices=False)
+    with few_threads():
+        u, s, vh = torch.linalg.svd(a, full_matrices=False)
     return u[:, :rank], s[:rank], vh[:rank]
 
 

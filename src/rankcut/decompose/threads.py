@@ -5,8 +5,9 @@ of small BLAS calls, each a parallel region whose threads meet at a barrier. Whe
 another job holds some of the cores, every barrier waits for a descheduled thread:
 ``torch.linalg.eigh`` of a 128 x 128 matrix took 0.94 s on 2 threads beside another
 job, against 0.0024 s on 1 thread. Below ``SMALL_DECOMPOSITION`` rows and columns a
-second thread gains little even on a quiet machine (see the constant), so such
-problems run on one thread and the previous thread count is restored afterwards.
+second thread can gain at most half of the time even on a quiet machine (see the
+constant), so such problems run on one thread and the previous thread count is
+restored afterwards.
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ from torch import Tensor
 
 F = TypeVar("F", bound=Callable)
 
-#: Largest matrix side run on one thread. Measured on 2 CPU cores, quiet machine,
-#: float64: ``eigh`` on 2 threads is no faster than on 1 up to about this size, while
-#: beside another job 2 threads are many times slower at every size below it.
-SMALL_DECOMPOSITION = 512
+#: Largest matrix side run on one thread. Measured on this project's 2-core machine
+#: with other jobs running (float64, 1 thread against 2): ``eigh`` of 128 took 6 ms
+#: against 321 ms, of 512 0.14 s against 16.9 s, of 1024 0.64 s against 29 s;
+#: ``cholesky`` of 1024 50 ms against 104 ms. A second thread can save at most half of
+#: the time on a quiet machine, and loses many times that on a shared one.
+SMALL_DECOMPOSITION = 1024
 
 
 @contextmanager

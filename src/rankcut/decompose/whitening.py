@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .svd import all_finite, split_factors, truncated_svd
-from .threads import small_on_one_thread
+from .threads import small_on_one_thread, threads_for
 
 logger = logging.getLogger(__name__)
 
@@ -71,10 +71,11 @@ def psd_cholesky(gram: Tensor, eps: float = 1e-6, name: str = "") -> Tensor:
         diagonal.copy_(saved)
 
 
-@small_on_one_thread
 def whitened_spectrum(weight: Tensor, chol: Tensor) -> Tensor:
     """Singular values of ``W S``: ``s_i^2`` is the output error added by dropping ``i``."""
-    return torch.linalg.svdvals(weight.to(torch.float64) @ chol)
+    a = weight.to(torch.float64) @ chol
+    with threads_for(min(a.shape), a.device):  # an SVD of the smaller side's cost
+        return torch.linalg.svdvals(a)
 
 
 @small_on_one_thread
