@@ -33,10 +33,10 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, RankcutError
-from .methods import TrainMethod, register_train_method
+from .base import TrainMethod, register_train_method
 
 if TYPE_CHECKING:
-    from .methods import TrainSetup
+    from .base import TrainSetup
 
 #: galore-torch's projection types.
 PROJ_TYPES = ("std", "reverse_std", "right", "left", "full")

@@ -55,7 +55,7 @@ from ..layers import (
 )
 from ..models.structure import replace_module
 from . import TrainingHook
-from .methods import TrainMethod, TrainSetup, register_train_method
+from .base import TrainMethod, TrainSetup, register_train_method
 from .regularizers import GroupLasso, ProgressiveShrinking, TRPHook
 
 #: ``--param-ratio`` of ``lrt`` and ``sltrain`` when neither ``--rank`` nor it is given.
