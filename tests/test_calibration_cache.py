@@ -155,3 +155,29 @@ def test_an_unwritable_cache_is_no_error(tiny_tokenizer, monkeypatch, tmp_path, 
         out = windows_from_spec("generated", tiny_tokenizer, 2, 8, model=model, progress=False)
     assert torch.equal(out, generated_windows(model, tiny_tokenizer, 2, 8, progress=False))
     assert "could not cache" in caplog.text
+
+
+def test_text_tokens_are_read_back_and_equal_a_fresh_tokenization(
+    tiny_tokenizer, calib_file, monkeypatch
+):
+    import rankcut.data.windows as windows
+
+    tokenize = windows.tokenize
+    monkeypatch.setenv(CACHE_ENV, "0")
+    fresh = windows_from_spec(str(calib_file), tiny_tokenizer, 4, 16, 2)
+    assert not calibration_cache_dir().exists()
+    monkeypatch.delenv(CACHE_ENV)
+    first = windows_from_spec(str(calib_file), tiny_tokenizer, 4, 16, 2)
+    (path,) = calibration_cache_dir().glob("tokens-*.safetensors")
+    monkeypatch.setattr(windows, "tokenize", _no_sampling)
+    second = windows_from_spec(str(calib_file), tiny_tokenizer, 4, 16, 2)
+    assert torch.equal(first, fresh) and torch.equal(second, fresh)
+    other_text = calib_file.read_text() + "One more line.\n"
+    with pytest.raises(AssertionError, match="sampled"):  # another text is tokenized anew
+        windows.calibration_windows(other_text, tiny_tokenizer, 4, 16, 2)
+    monkeypatch.setattr(windows, "tokenize", tokenize)
+    path.write_bytes(b"corrupt")  # tokenized again and rewritten, never an error
+    assert torch.equal(windows_from_spec(str(calib_file), tiny_tokenizer, 4, 16, 2), fresh)
+    from safetensors.torch import load_file
+
+    assert load_file(str(path))["ids"].numel() > 0

@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -40,6 +39,7 @@ from .spec import (
     split_spec,
     text_windows,
 )
+from .windows import CACHE_ENV, cache_enabled, calibration_cache_dir
 
 __all__ = [
     "AUTO",
@@ -56,9 +56,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Set to ``0`` (or ``false``, ``no``, ``off``) to sample generated calibration windows
-#: afresh on every run, neither reading nor writing the cache.
-CACHE_ENV = "RANKCUT_CALIB_CACHE"
 #: Part of every cache key: a change to what a cached file holds, or to how windows are
 #: sampled, bumps it so that older files are never read.
 CACHE_FORMAT = 1
@@ -112,28 +109,6 @@ def generated_windows(
         **options,
     )
     return torch.cat([ids for ids, _ in batches])
-
-
-def cache_enabled() -> bool:
-    """Whether generated calibration windows go through the cache (``CACHE_ENV``).
-
-    Example:
-        >>> cache_enabled() in (True, False)
-        True
-    """
-    return os.environ.get(CACHE_ENV, "1").strip().lower() not in {"0", "false", "no", "off"}
-
-
-def calibration_cache_dir() -> Path:
-    """The folder of cached calibration windows: ``calibration`` in rankcut's cache folder.
-
-    Example:
-        >>> calibration_cache_dir().name
-        'calibration'
-    """
-    from ..models.sources import cache_dir
-
-    return cache_dir() / "calibration"
 
 
 def _has_hooks(model: nn.Module) -> bool:

@@ -1,12 +1,112 @@
-"""Tokenize text and cut it into fixed-length windows of token ids."""
+"""Tokenize text and cut it into fixed-length windows of token ids.
+
+The token ids of a whole calibration text are kept in the cache folder
+(``calibration_cache_dir``), keyed by the text and the tokenizer's full description:
+tokenizing Shakespeare took seconds of every compression, reading its ids back does not.
+"""
 
 from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
 
 import torch
 
 from ..errors import RankcutError
 
+logger = logging.getLogger(__name__)
+
 _CHUNK_CHARS = 200_000
+
+#: Set to ``0`` (or ``false``, ``no``, ``off``) to tokenize and sample calibration data
+#: afresh on every run, neither reading nor writing the cache folder.
+CACHE_ENV = "RANKCUT_CALIB_CACHE"
+
+
+def cache_enabled() -> bool:
+    """Whether calibration data goes through the cache folder (``CACHE_ENV``).
+
+    Example:
+        >>> cache_enabled() in (True, False)
+        True
+    """
+    return os.environ.get(CACHE_ENV, "1").strip().lower() not in {"0", "false", "no", "off"}
+
+
+def calibration_cache_dir() -> Path:
+    """The folder of cached calibration data: ``calibration`` in rankcut's cache folder.
+
+    Example:
+        >>> calibration_cache_dir().name
+        'calibration'
+    """
+    from ..models.sources import cache_dir
+
+    return cache_dir() / "calibration"
+
+
+def _tokenizer_key(tokenizer) -> str | None:
+    """A description of everything that maps text to ids: the fast tokenizer's own
+    serialization (vocabulary, merges, normalizer, pre-tokenizer, added tokens), its
+    class and the library versions; ``None`` for a tokenizer without one."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not hasattr(backend, "to_str"):
+        return None
+    try:
+        import tokenizers
+        import transformers
+
+        described = backend.to_str()
+    except Exception:  # noqa: BLE001 - an undescribable tokenizer is simply not cached
+        return None
+    parts = [
+        type(tokenizer).__qualname__,
+        transformers.__version__,
+        tokenizers.__version__,
+        str(_CHUNK_CHARS),
+        hashlib.sha256(described.encode()).hexdigest(),
+    ]
+    return json.dumps(parts)
+
+
+def tokenize_cached(text: str, tokenizer) -> list[int]:
+    """``tokenize(text, tokenizer)`` (the whole text), its ids read from the cache folder
+    when this text was tokenized by this tokenizer before, else written there.
+
+    A corrupt file is tokenized again and replaced, an unwritable folder is logged; with
+    ``RANKCUT_CALIB_CACHE=0`` or a tokenizer without a description this is ``tokenize``.
+
+    Example:
+        >>> ids = tokenize_cached(load_text("shakespeare"), tokenizer)  # doctest: +SKIP
+    """
+    described = _tokenizer_key(tokenizer) if cache_enabled() else None
+    if described is None:
+        return tokenize(text, tokenizer)
+    digest = hashlib.sha256(described.encode())
+    digest.update(hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest())
+    path = calibration_cache_dir() / f"tokens-{digest.hexdigest()}.safetensors"
+    if path.is_file():
+        try:
+            from safetensors.torch import load_file
+
+            ids = load_file(str(path))["ids"]
+            if ids.dtype == torch.long and ids.ndim == 1:
+                return ids.tolist()
+            logger.warning("ignoring calibration cache %s (not token ids)", path)
+        except Exception as err:  # noqa: BLE001 - any corrupt file: tokenize again
+            logger.warning("ignoring unreadable calibration cache %s (%s)", path, err)
+    ids = tokenize(text, tokenizer)
+    try:
+        from ..io.atomic import atomic_save_tensors
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_save_tensors({"ids": torch.tensor(ids, dtype=torch.long)}, path)
+    except OSError as err:
+        logger.warning("could not cache calibration tokens in %s: %s", path, err)
+    return ids
 
 
 def bos_prefix(tokenizer) -> list[int]:
@@ -56,7 +156,7 @@ def calibration_windows(
         raise RankcutError(f"need samples >= 1 and seq-len >= 2, got {samples} and {seq_len}")
     prefix = bos_prefix(tokenizer)
     body = seq_len - len(prefix)
-    ids = tokenize(text, tokenizer)
+    ids = tokenize_cached(text, tokenizer)
     available = len(ids) // body
     if available < samples:
         raise RankcutError(
