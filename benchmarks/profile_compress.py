@@ -83,6 +83,8 @@ def profile(version: str, src: str | None, args: argparse.Namespace) -> dict:
         out = Path(tmp) / "out"
         cli = ["compress", "--model", args.model, "--ratio", str(args.ratio)]
         cli += ["--samples", str(args.samples), "--seq-len", str(args.seq_len)]
+        if args.calib:
+            cli += ["--calib", args.calib]
         cli += ["--out", str(out), "--overwrite"]
         proc = subprocess.run(
             [sys.executable, "-c", CHILD, *cli], env=_env(src), capture_output=True, text=True
@@ -158,7 +160,14 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument(
+        "--calib",
+        default=None,
+        help="calibration data (default: the recipe's, 'auto': windows sampled from the "
+        "model); e.g. 'shakespeare' to leave the sampling out of the profile",
+    )
     parser.add_argument("--name", default="compress_profile")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder of NAME.md")
     args = parser.parse_args()
     runs = []
     for version in args.versions:
@@ -168,9 +177,11 @@ def main() -> None:
         run["date"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         print(f"  {run['total']:.1f} s, phases {run['phases']}", flush=True)
         runs.append(run)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.name}.md").write_text(render(runs, args))
-    print(f"wrote {RESULTS / (args.name + '.md')}")
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / f"{args.name}.md").write_text(render(runs, args))
+    if args.results != RESULTS:  # raw runs beside a side folder's table, for merging
+        (args.results / f"{args.name}.runs.json").write_text(json.dumps(runs) + "\n")
+    print(f"wrote {args.results / (args.name + '.md')}")
 
 
 if __name__ == "__main__":
