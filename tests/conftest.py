@@ -15,6 +15,13 @@ WORDS = (
 ).split()
 
 
+@pytest.fixture(autouse=True)
+def _no_calibration_cache_by_default(monkeypatch):
+    """Tests never write calibration data into the user's cache folder: the calibration
+    cache is off unless a test turns it on (with ``RANKCUT_CACHE`` in its tmp_path)."""
+    monkeypatch.setenv("RANKCUT_CALIB_CACHE", "0")
+
+
 def make_text(seed: int, words: int = 6000) -> str:
     rng = random.Random(seed)
     lines = []
