@@ -101,6 +101,20 @@ class WatchingReader(CheckpointReader):
         self.skeletons, self.block_shapes = skeletons, block_shapes
         self.calls: list[list[str]] = []
         self.live_at_load: list[tuple[list[str], int]] = []
+        # Block-shaped tensors that other tests keep alive (module-level caches of tiny
+        # models) are not this run's: held here, so that their ids stay theirs.
+        gc.collect()
+        self.before = {id(o): o for o in self._block_shaped()}
+
+    def _block_shaped(self):
+        return [
+            o
+            for o in gc.get_objects()
+            if issubclass(type(o), torch.Tensor)
+            and o.device.type != "meta"
+            and o.dtype == torch.float32
+            and tuple(o.shape) in self.block_shapes
+        ]
 
     def load(self, names, dtype, device):
         names = list(names)
@@ -111,16 +125,9 @@ class WatchingReader(CheckpointReader):
             if any(p.device.type != "meta" for p in m.parameters())
         ]
         gc.collect()
-        # Dense block-shaped fp32 matrices alive anywhere in the process (block weights,
-        # their dense twin, leftovers of earlier blocks).
-        stray = sum(
-            1
-            for o in gc.get_objects()
-            if issubclass(type(o), torch.Tensor)
-            and o.device.type != "meta"
-            and o.dtype == torch.float32
-            and tuple(o.shape) in self.block_shapes
-        )
+        # Dense block-shaped fp32 matrices this run made that are alive anywhere in the
+        # process (block weights, their dense twin, leftovers of earlier blocks).
+        stray = sum(1 for o in self._block_shaped() if id(o) not in self.before)
         self.live_at_load.append((real_blocks, stray))
         self.calls.append(names)
         return super().load(names, dtype, device)
