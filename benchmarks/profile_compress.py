@@ -3,7 +3,7 @@
 Usage:
     .venv/bin/pip install pyinstrument
     .venv/bin/python benchmarks/profile_compress.py [--versions before after]
-        [--before-src /tmp/rankcut-before/src] [--samples 8] [--seq-len 256]
+        [--before-src /tmp/rankcut-before/src] [--samples 32] [--seq-len 512]
         [--ratio 0.2] [--top 25] [--name compress_profile]
 
 Each version runs ``rankcut compress --model smollm2-135m --ratio R --samples N
@@ -11,11 +11,12 @@ Each version runs ``rankcut compress --model smollm2-135m --ratio R --samples N
 sequential pipeline) in a fresh process under pyinstrument, the calibration windows
 sampled afresh in each (``RANKCUT_CALIB_CACHE=0``). ``before`` is the code of
 another checkout (a git worktree at the commit the optimisation starts from), put first
-on ``PYTHONPATH``; ``after`` is this checkout. The reduced calibration (8 x 256 tokens
-by default, against the recipe's 32 x 512) keeps a profile short; the ranking of the
-entries is what it shows. Writes benchmarks/results/NAME.md: per version
-the phase times the command wrote into ``rankcut.json`` and the top functions by
-cumulative time (a function's time counted once per call stack, recursion included).
+on ``PYTHONPATH``; ``after`` is this checkout. The calibration is the recipe's 32 x 512
+by default; ``--calib shakespeare`` leaves the sampling of windows out (what a second
+run with cached windows does not pay); a smaller ``--samples``/``--seq-len`` keeps a
+profile short, at the cost of a ranking closer to the fixed per-matrix costs.
+Writes benchmarks/results/NAME.md: per version the phase times the command wrote into
+``rankcut.json`` and the top functions by cumulative time (a function's time counted once per call stack, recursion included).
 """
 
 from __future__ import annotations
@@ -112,10 +113,15 @@ def render(runs: list[dict], args: argparse.Namespace) -> str:
         f"Written by `benchmarks/profile_compress.py` on {runs[0]['date']} "
         f"({platform.machine()}, {os.cpu_count()} CPUs, torch threads as the CLI sets them).",
         "",
-        "**The machine was shared** with other jobs while these ran: the seconds are "
-        "indicative only; the ranking of the entries is what matters. The calibration is "
-        f"reduced to {args.samples} x {args.seq_len} tokens (the recipe's default is 32 x 512) "
-        "to keep a profile short.",
+        (
+            "**The machine was shared** with other jobs while these ran: the seconds are "
+            "indicative only; the ranking of the entries is what matters."
+            if args.shared
+            else "Profiled one job at a time with nothing else running on the machine."
+        )
+        + f" Calibration: {args.samples} x {args.seq_len} tokens (the recipe's default is "
+        "32 x 512)"
+        + (f", `--calib {args.calib}`." if args.calib else "."),
         "",
     ]
     if len(runs) > 1:
@@ -157,14 +163,17 @@ def main() -> None:
     parser.add_argument("--before-src", default="/tmp/rankcut-before/src")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--ratio", type=float, default=0.2)
-    parser.add_argument("--samples", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument(
         "--calib",
         default=None,
         help="calibration data (default: the recipe's, 'auto': windows sampled from the "
         "model); e.g. 'shakespeare' to leave the sampling out of the profile",
+    )
+    parser.add_argument(
+        "--shared", action="store_true", help="say that other jobs shared the machine"
     )
     parser.add_argument("--name", default="compress_profile")
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder of NAME.md")

@@ -369,7 +369,9 @@ def _block_runs(model):
 
 def test_sequential_runs_each_block_no_more_than_needed():
     """Per block and batch: one dense run (its outputs and the stages' dense inputs) and
-    one run of the compressed block (the next block's inputs; none after the last)."""
+    one run of the compressed block (the last stage's pass, which gives the next block's
+    inputs; none after the last block), plus one run testing that ``down_proj`` adds
+    to the block's output."""
     x = calib(n=12)  # three batches of four windows
     model = tiny_llama(num_hidden_layers=3)
     runs = _block_runs(model)
@@ -377,7 +379,72 @@ def test_sequential_runs_each_block_no_more_than_needed():
     targets = find_targets(model)
     ranks = {n: 8 for n in targets}
     run_sequential(model, targets, ranks, METHODS["svd-llm"], config, x, progress=False)
-    assert list(runs.values()) == [6, 6, 3]
+    assert list(runs.values()) == [3 + 3 + 1, 3 + 3 + 1, 3]
+
+
+def test_sequential_tail_shortcut_changes_nothing(monkeypatch):
+    """The compressed block's outputs kept from the last stage's pass (``base + M'(x)``)
+    equal a run of the compressed block, to float rounding; with the shortcut refused
+    the block returns none and the stream is advanced by block runs."""
+    from rankcut.calibrate.sequential import capture_block_inputs
+    from rankcut.models import find_decoder_layers
+    from rankcut.pipelines import sequential
+
+    x = calib(n=8)
+    config = SvdLlmConfig(ratio=0.4, pipeline="sequential")
+    for additive in (True, False):
+        if not additive:
+            monkeypatch.setattr(sequential._Tail, "TOLERANCE", -1.0)
+        model = tiny_llama(num_hidden_layers=2)
+        targets = find_targets(model)
+        ranks = {n: 8 for n in targets}
+        name, block = find_decoder_layers(model)[0]
+        comp = capture_block_inputs(model, block, x, batch_size=4)
+        _, comp_out = sequential.compress_block(
+            model, name, block, targets, ranks, METHODS["svd-llm"], config, comp, comp, {}
+        )
+        assert isinstance(block.mlp.down_proj, LowRankLinear)
+        if not additive:
+            assert comp_out is None
+            continue
+        expected = list(sequential.advance(block, comp))
+        assert len(comp_out) == len(expected) == 2
+        for got, want in zip(comp_out, expected, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+class _Residual(torch.nn.Module):
+    def __init__(self, post_norm: bool) -> None:
+        super().__init__()
+        self.up = torch.nn.Linear(8, 16)
+        self.down = torch.nn.Linear(16, 8)
+        self.norm = torch.nn.LayerNorm(8) if post_norm else torch.nn.Identity()
+
+    def forward(self, h):
+        return self.norm(h + self.down(torch.relu(self.up(h))))
+
+
+@pytest.mark.parametrize("post_norm", [False, True])
+def test_tail_shortcut_only_where_the_output_adds(post_norm):
+    """A residual branch's last linear adds to the block's output (shortcut taken, the
+    outputs equal a block run); behind a norm it does not (shortcut refused)."""
+    from rankcut.calibrate.sequential import BlockInputs
+    from rankcut.pipelines.sequential import _Tail
+
+    torch.manual_seed(0)
+    block = _Residual(post_norm)
+    batches = [BlockInputs(torch.randn(2, 5, 8), (), {}) for _ in range(2)]
+    tail = _Tail(block.down)
+    xs = [tail.input(block, b, first=i == 0) for i, b in enumerate(batches)]
+    assert tail.active is (not post_norm)
+    assert xs[0] is not None and xs[0].shape == (2, 5, 16)
+    if not post_norm:
+        replaced = torch.nn.Linear(16, 8)
+        block.down = replaced
+        with torch.no_grad():
+            expected = [block(b.hidden) for b in batches]
+        for got, want in zip(tail.outputs(replaced), expected, strict=True):
+            torch.testing.assert_close(got, want)
 
 
 def test_fused_statistics_pass_changes_nothing(monkeypatch):

@@ -155,6 +155,32 @@ def statistics_needed(
     return frozenset(needs)
 
 
+def statistics_windows(
+    model: nn.Module, config: MethodConfig, calibration: Tensor | None
+) -> Tensor | None:
+    """The calibration windows the whole-model pass of ``compress(model, config)`` runs on.
+
+    Every window when that pass also feeds the factorization (``whole`` pipeline) or a
+    measured loss table; otherwise (its statistics only rank directions for the
+    allocation) the first windows holding ``config.allocation_tokens`` tokens and at
+    least twice the widest targeted input, so that no Gram matrix is rank-deficient for
+    want of tokens. The output Fisher (a per-channel mean of squared gradients) and the
+    whitened spectra are estimates that a quarter of the default calibration holds
+    within the allocation's rounding; the backward of that pass was the largest cost of
+    the default recipe (``benchmarks/results/compress_profile.md``).
+    """
+    if calibration is None or calibration.ndim != 2 or not config.allocation_tokens:
+        return calibration
+    config = resolve_config(model, config, calibration)
+    if config.pipeline == "whole" or "loss_table" in ALLOCATORS[config.allocation].needs:
+        return calibration
+    _, _, shapes = select_targets(model, config)
+    widest = max((n for _, n in shapes.values()), default=0)
+    tokens = max(config.allocation_tokens, 2 * widest)
+    count = -(-tokens // max(calibration.shape[1], 1))  # ceil
+    return calibration[: max(1, count)]
+
+
 def check_given_stats(stats: dict, modules: dict, needs: frozenset[str]) -> None:
     """Statistics passed to ``compress`` must hold what the plan would have gathered."""
     for name in modules:
@@ -439,7 +465,8 @@ def make_plan(
     needs = statistics_needed(model, config, calibration) if runner.in_memory else frozenset()
     if stats is None:
         gather = runner.in_memory and modules
-        stats = collect_layer_stats(model, modules, calibration, needs, progress) if gather else {}
+        windows = statistics_windows(model, config, calibration) if needs else calibration
+        stats = collect_layer_stats(model, modules, windows, needs, progress) if gather else {}
     else:
         check_given_stats(stats, modules, needs)
         stats = dict(stats)  # the pipeline releases entries as it goes; keep the caller's

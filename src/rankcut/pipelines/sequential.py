@@ -141,10 +141,89 @@ class _Cross:
         return acc
 
 
-def _stage_pass(block, stage, stage_mods, comp, needs_gram, needs_abs, dense_inputs=None):
+class _Tail:
+    """The compressed block's outputs without a run of their own, for a last stage of one
+    module whose output reaches the block's output through an addition only (the last
+    linear of a residual branch: Llama's ``down_proj``, GPT-2's ``c_proj``).
+
+    The stage's pass then runs the whole block (instead of stopping at the module's
+    input) and keeps, per batch, the module's input ``x`` and ``base = h - M(x)`` (the
+    block's output ``h`` less the dense module's share); once the module is factorized
+    the outputs are ``base + M'(x)``, which saves the block run that advancing the
+    compressed stream would take. Whether the output is additive is tested, not
+    assumed: on the first batch the module's output is perturbed by a random ``d``, and
+    the shortcut is taken only if the block's output moves by ``d`` (to float rounding);
+    otherwise (a norm after the residual, BERT's) the pass falls back to stopping at the
+    input and the stream is advanced by a block run as before.
+    """
+
+    #: Largest ``||dh - d|| / ||d||`` still counted as additive (float32 rounding of the
+    #: residual sum is ~1e-7 of ``||h||``; a nonlinearity after the sum moves it by O(1)).
+    TOLERANCE = 1e-3
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.active = True
+        self.kept: list[tuple[Tensor, Tensor]] = []  # (x, base) per batch
+
+    def _run(self, block, bc, delta=None) -> tuple[list[Tensor], list[Tensor], Tensor]:
+        xs: list[Tensor] = []
+        ys: list[Tensor] = []
+
+        def pre(mod, args):
+            xs.append(args[0].detach())
+
+        def post(mod, args, output):
+            ys.append(output.detach())
+            return output + delta if delta is not None else None
+
+        with HookManager() as hooks:
+            hooks.forward_pre(self.module, pre)
+            hooks.forward(self.module, post)
+            h = run_block(block, bc)
+        return xs, ys, h
+
+    def input(self, block, bc, first: bool) -> Tensor | None:
+        """The module's input on batch ``bc`` (its outputs kept for ``outputs``), or
+        ``None`` once the shortcut is off (the caller stops at the input instead)."""
+        if not self.active:
+            return None
+        xs, ys, h = self._run(block, bc)
+        if first:
+            self.active = (
+                len(xs) == 1 and ys[0].shape == h.shape and self._additive(block, bc, ys[0], h)
+            )
+            if not self.active:
+                return xs[0] if len(xs) == 1 else None
+        self.kept.append((xs[0], h - ys[0]))
+        return xs[0]
+
+    def _additive(self, block, bc, y: Tensor, h: Tensor) -> bool:
+        gen = torch.Generator(device=y.device).manual_seed(0)
+        delta = torch.randn(y.shape, generator=gen, device=y.device, dtype=y.dtype)
+        delta *= y.float().std().clamp_min(1e-6).to(y.dtype)
+        _, _, moved = self._run(block, bc, delta)
+        err = float(((moved - h).float() - delta.float()).norm() / delta.float().norm())
+        logger.debug(
+            "output additivity of %s: relative error %.2e", type(self.module).__name__, err
+        )
+        return err <= self.TOLERANCE
+
+    @torch.no_grad()
+    def outputs(self, layer: nn.Module) -> list[Tensor]:
+        """The block's outputs with ``layer`` (the factorized module) in its place."""
+        kept, self.kept = self.kept, []
+        return [base + layer(x) for x, base in kept]
+
+
+def _stage_pass(
+    block, stage, stage_mods, comp, needs_gram, needs_abs, dense_inputs=None, tail=None
+):
     """One pass over the compressed stream ``comp``, each run stopped at the stage's
     shared input ``X'``: its statistics, and with ``dense_inputs`` (the dense stream's
     inputs to the stage, batch by batch) the refit's cross products in the same pass.
+    With ``tail`` (a ``_Tail`` of the stage's one module) the runs go through the whole
+    block while the shortcut holds, and keep what the block's outputs need.
 
     Returns ``({name: InputStats}`` (one object for the stage)``, _Cross or None)``.
     """
@@ -154,8 +233,10 @@ def _stage_pass(block, stage, stage_mods, comp, needs_gram, needs_abs, dense_inp
     stats = InputStats(in_features, want_gram=needs_gram, want_abs=needs_abs)
     cross = _Cross(stage_mods, in_features) if dense_inputs is not None else None
     pairs = zip(comp, dense_inputs, strict=True) if cross is not None else ((b, None) for b in comp)
-    for bc, xd in pairs:
-        xc = module_input(lambda bc=bc: run_block(block, bc), module)
+    for i, (bc, xd) in enumerate(pairs):
+        xc = tail.input(block, bc, first=i == 0) if tail is not None else None
+        if xc is None:
+            xc = module_input(lambda bc=bc: run_block(block, bc), module)
         stats.update(xc.reshape(-1, in_features))
         if cross is not None:
             cross.add(xc, xd)
@@ -263,6 +344,7 @@ def compress_block(
     dist=None,
     release=None,
     spill=None,
+    tail_wanted=True,
 ):
     """Compress the targets of one decoder block, stage by stage, in place.
 
@@ -273,10 +355,14 @@ def compress_block(
     divided among them. ``release(module)``, when given, is called on each dense linear
     once its factors replace it (the streaming pipeline frees its weight). ``spill(name)``
     makes the container for the dense stream's activations at each stage input
-    (default: a list in memory; ``SpilledTensors`` moves them to disk).
+    (default: a list in memory; ``SpilledTensors`` moves them to disk). ``tail_wanted``
+    (default) lets the last stage return the compressed outputs (``_Tail``); the caller
+    passes ``False`` when nothing reads them (the last block).
 
-    Returns the dense block's outputs on ``dense`` (a list of hidden states, taken
-    before anything is factorized), or ``None`` without ``refit``.
+    Returns ``(dense_out, comp_out)``: the dense block's outputs on ``dense`` (a list of
+    hidden states, taken before anything is factorized; ``None`` without ``refit``) and,
+    where the last stage allowed it (``_Tail``), the compressed block's outputs on
+    ``comp`` (else ``None``: advance the stream with a block run).
     """
     needs_gram = "gram" in spec.needs or config.refit
     needs_abs = "abs_mean" in spec.needs
@@ -293,6 +379,9 @@ def compress_block(
     else:
         stages = _stages(block, mods, comp[0])
     index = 0
+    tail = None
+    if stages and len(stages[-1]) == 1 and tail_wanted:
+        tail = _Tail(mods[stages[-1][0]])
     for position, stage in enumerate(stages):
         stage_mods = {n: mods[n] for n in stage}
         first = stage[0]
@@ -305,8 +394,9 @@ def compress_block(
                 gram_is_cross = same_stream and position == 0 and not probe.direct
                 fused = None if gram_is_cross else xd
             del probe
+        last = position == len(stages) - 1
         inputs, cross_acc = _stage_pass(
-            block, stage, stage_mods, comp, needs_gram, needs_abs, fused
+            block, stage, stage_mods, comp, needs_gram, needs_abs, fused, tail if last else None
         )
         if dist is not None:
             dist.reduce_stats(inputs[first], None)
@@ -347,7 +437,10 @@ def compress_block(
                 release(mods[n])
         # Nothing of this stage (its Cholesky factors) stays alive into the next one.
         del weights, weight, inputs, layer_stats
-    return dense_out
+    comp_out = None
+    if tail is not None and tail.active:
+        comp_out = tail.outputs(model.get_submodule(stages[-1][0]))
+    return dense_out, comp_out
 
 
 def advance(block, comp):
@@ -378,14 +471,16 @@ def run_sequential(model, todo, ranks, spec, config, calibration, stats=None, pr
     for k, (block_name, block) in enumerate(
         tqdm(blocks, desc=f"{spec.name} (sequential)", disable=not progress)
     ):
-        dense_out = compress_block(
-            model, block_name, block, todo, ranks, spec, config, comp, dense, fisher
-        )
+        dense_out, comp_out = compress_block(
+            model, block_name, block, todo, ranks, spec, config, comp, dense, fisher,
+            tail_wanted=k < last,
+        )  # fmt: skip
         if k < last:  # nothing reads the last block's outputs: no run to make them
-            comp = [b.with_hidden(h) for b, h in zip(comp, advance(block, comp), strict=True)]
+            hidden = comp_out if comp_out is not None else advance(block, comp)
+            comp = [b.with_hidden(h) for b, h in zip(comp, hidden, strict=True)]
             if dense_out is not None:
                 dense = [b.with_hidden(h) for b, h in zip(dense, dense_out, strict=True)]
-        del dense_out
+        del dense_out, comp_out
 
 
 def resolve_pipeline(model: nn.Module, todo, pipeline: str, calibration) -> str:

@@ -466,7 +466,7 @@ def run_streaming(model, plan, calibration, *, progress=True, job: StreamJob) ->
         )
         spill_dir = acts / f"block-{k}"
         new_evald = stream("evald", k, _eval_outputs(block, evald, state)) if evaluating else None
-        dense_out = compress_block(
+        dense_out, comp_out = compress_block(
             model,
             block_name,
             block,
@@ -478,10 +478,10 @@ def run_streaming(model, plan, calibration, *, progress=True, job: StreamJob) ->
             release=lambda m: (_release(model, m), return_freed_memory()),
             spill=lambda name, d=spill_dir: SpilledTensors(d / name, limit),
         )
-        new_comp = stream("comp", k, advance(block, comp))
+        new_comp = stream("comp", k, comp_out if comp_out is not None else advance(block, comp))
         new_dense = stream("dense", k, dense_out) if dense_out is not None else None
         new_evalc = stream("evalc", k, advance(block, evalc)) if evaluating else None
-        del dense_out
+        del dense_out, comp_out
         shutil.rmtree(spill_dir, ignore_errors=True)
         _barrier(dist)  # every rank's activations are on disk before the state moves on
         if main:
