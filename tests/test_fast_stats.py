@@ -289,3 +289,88 @@ def test_plan_ranks_unchanged_by_the_fast_spectra():
     )
     assert config.allocation == "global"
     assert allocate("global", inp) == {n: plan.ranks[n] for n in modules}
+
+
+def test_allocation_statistics_take_the_first_windows_holding_enough_tokens(monkeypatch):
+    """Statistics that only feed the allocation (sequential pipeline) come from the first
+    windows holding ``allocation_tokens`` tokens and twice the widest targeted input;
+    the whole pipeline, a loss-table allocation and ``allocation_tokens=0`` use all."""
+    import dataclasses
+
+    from rankcut.layers import dense_shape
+    from rankcut.methods import SvdLlmConfig
+    from rankcut.pipelines import plan as plan_module
+
+    model = tiny_llama(num_hidden_layers=2)
+    windows = _windows(count=40, length=32)
+    widest = max(dense_shape(m)[1] for m in find_targets(model).values())
+    config = SvdLlmConfig(ratio=0.4, pipeline="sequential", allocation_tokens=64)
+    got = plan_module.statistics_windows(model, config, windows)
+    expected = -(-max(64, 2 * widest) // 32)
+    assert expected < 40 and torch.equal(got, windows[:expected])
+    big = dataclasses.replace(config, allocation_tokens=32 * 100)
+    assert torch.equal(plan_module.statistics_windows(model, big, windows), windows)
+    for other in (
+        dataclasses.replace(config, pipeline="whole"),
+        dataclasses.replace(config, allocation_tokens=0),
+        dataclasses.replace(config, allocation="sensitivity"),
+    ):
+        assert plan_module.statistics_windows(model, other, windows) is windows
+
+    seen = []
+    real = plan_module.collect_layer_stats
+
+    def spy(model, modules, calibration, needs, progress=True):
+        seen.append(None if calibration is None else calibration.shape[0])
+        return real(model, modules, calibration, needs, progress)
+
+    monkeypatch.setattr(plan_module, "collect_layer_stats", spy)
+    plan_module.make_plan(model, config, windows, progress=False)
+    assert seen == [expected]
+
+
+def test_allocation_tokens_is_checked():
+    from rankcut.errors import ConfigError
+    from rankcut.methods import SvdLlmConfig
+
+    for bad in (-1, 1.5, True, "4096"):
+        with pytest.raises(ConfigError, match="allocation_tokens"):
+            SvdLlmConfig(allocation_tokens=bad)
+
+
+def test_map_one_thread_each_keeps_order_and_restores_the_thread_count():
+    from rankcut.decompose.threads import map_one_thread_each
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        got = map_one_thread_each(lambda x: (x, torch.get_num_threads()), list(range(7)))
+        assert got == [(x, 1) for x in range(7)]
+        assert torch.get_num_threads() == 2
+
+        def fail(x):
+            raise ValueError(x)
+
+        with pytest.raises(ValueError):
+            map_one_thread_each(fail, [1, 2])
+        assert torch.get_num_threads() == 2
+        assert map_one_thread_each(lambda x: x + 1, [1], workers=1) == [2]
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("width,rows", [(1, None), (7, 3), (64, None), (200, None), (130, 64)])
+def test_symmetric_gram_blocks_equal_the_full_product(width, rows):
+    """``add_gram(acc, x, x)`` (lower blocks, mirrored) equals a float64 ``x^T x``, and a
+    cross product ``add_gram(acc, x, y)`` is untouched by it."""
+    from rankcut.calibrate.stats import add_gram
+
+    gen = torch.Generator().manual_seed(width)
+    x = torch.randn(300, width, generator=gen)
+    acc = torch.full((width, width), 2.0, dtype=torch.float64)  # sums onto what is there
+    add_gram(acc, x, x, rows=rows)
+    expected = x.double().T @ x.double() + 2.0
+    torch.testing.assert_close(acc, expected, rtol=RTOL, atol=1e-4)
+    y = torch.randn(300, 5, generator=gen)
+    cross = add_gram(torch.zeros(width, 5, dtype=torch.float64), x, y, rows=rows)
+    torch.testing.assert_close(cross, x.double().T @ y.double(), rtol=RTOL, atol=1e-4)

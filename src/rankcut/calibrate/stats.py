@@ -25,10 +25,38 @@ def add_gram(acc: Tensor, a: Tensor, b: Tensor, rows: int | None = None) -> Tens
     """``acc += a^T b`` (``acc`` float64, ``a``/``b`` float32 ``(tokens, in)``), a block of
     ``rows`` output rows at a time: the temporaries (the float32 product and its float64
     cast) stay ``rows x in`` instead of ``in x in`` (121 + 242 MB for a 5504-wide input).
-    By default a block holds about a million entries."""
-    rows = rows or max(1, (1 << 20) // max(b.shape[1], 1))
+    By default a block holds about a million entries.
+
+    A Gram (``b is a``) is symmetric: only the blocks on and below the diagonal are
+    multiplied and each is mirrored above it, which saves up to half of the products
+    (37.5 % with the four blocks a 576-wide input gets).
+
+    Example:
+        >>> x = torch.randn(50, 6)
+        >>> acc = add_gram(torch.zeros(6, 6, dtype=torch.float64), x, x, rows=4)
+        >>> torch.allclose(acc, (x.T @ x).double(), atol=1e-5)
+        True
+    """
+    width = b.shape[1]
+    if b is a:
+        return _add_symmetric_gram(acc, a, rows)
+    rows = rows or max(1, (1 << 20) // max(width, 1))
     for i in range(0, a.shape[1], rows):
         acc[i : i + rows].add_(a[:, i : i + rows].T @ b)
+    return acc
+
+
+def _add_symmetric_gram(acc: Tensor, a: Tensor, rows: int | None) -> Tensor:
+    """``acc += a^T a`` from the block rows' parts on and below the diagonal."""
+    n = a.shape[1]
+    # at least four block rows (the saving), at most a million entries per product
+    rows = rows or max(64, min((1 << 20) // max(n, 1), -(-n // 4)))
+    for i in range(0, n, rows):
+        j = min(i + rows, n)
+        product = a[:, i:j].T @ a[:, :j]  # block row i, up to the end of its diagonal block
+        acc[i:j, :j].add_(product)
+        if i:
+            acc[:i, i:j].add_(product[:, :i].T)  # the mirror of the part left of the diagonal
     return acc
 
 

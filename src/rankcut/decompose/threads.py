@@ -13,7 +13,8 @@ restored afterwards.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import TypeVar
 
@@ -21,6 +22,8 @@ import torch
 from torch import Tensor
 
 F = TypeVar("F", bound=Callable)
+T = TypeVar("T")
+R = TypeVar("R")
 
 #: Largest matrix side run on one thread. Measured on this project's 2-core machine
 #: with other jobs running (float64, 1 thread against 2): ``eigh`` of 128 took 6 ms
@@ -97,3 +100,36 @@ def small_on_one_thread(fn: F) -> F:
             return fn(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
+
+
+def map_one_thread_each(
+    fn: Callable[[T], R], items: Sequence[T], workers: int | None = None
+) -> list[R]:
+    """``[fn(x) for x in items]`` on ``workers`` Python threads (default: the intra-op
+    thread count in force), each running torch on one intra-op thread.
+
+    For many small decompositions (the allocation's spectra, one ``eigh`` per matrix):
+    one per core at a time keeps every core busy with no barrier between them, where a
+    single decomposition on all cores spends most of its time in them (see the module
+    docstring). Every worker sets its own thread count (OpenMP keeps one per thread);
+    the caller's count is restored afterwards. Results keep the order of ``items``;
+    with one worker or one item it is a plain loop on the calling thread.
+
+    Example:
+        >>> map_one_thread_each(lambda x: (x * x, torch.get_num_threads()), [1, 2, 3])
+        [(1, 1), (4, 1), (9, 1)]
+    """
+    previous = torch.get_num_threads()
+    workers = max(1, min(workers or previous, len(items)))
+    if workers == 1:
+        return [fn(x) for x in items]
+
+    def run(x: T) -> R:
+        torch.set_num_threads(1)
+        return fn(x)
+
+    try:
+        with ThreadPoolExecutor(workers, thread_name_prefix="rankcut-decompose") as pool:
+            return list(pool.map(run, items))
+    finally:
+        torch.set_num_threads(previous)

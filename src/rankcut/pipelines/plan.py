@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from ..calibrate import collect_layer_stats
 from ..calibrate.sensitivity import loss_table
 from ..decompose import all_finite
-from ..decompose.threads import threads_for
+from ..decompose.threads import map_one_thread_each, threads_for
 from ..errors import RankcutError
 from ..evaluate.params import param_summary
 from ..layers import dense_shape, dense_weight
@@ -339,15 +339,41 @@ def allocation_input(
     )
     if not allocator.needs:
         return inp
-    spectra, scores = {}, {}
-    for name, module in tqdm(modules.items(), desc="spectra", disable=not progress, leave=False):
-        weight = dense_weight(module).detach().to(torch.float64)
+    eps = getattr(config, "eps", 1e-6)
+
+    def inputs_of(name: str):
         st = stats.get(name)
         inputs = st.inputs if st is not None else None
-        if inputs is not None and inputs.has_gram:
-            weight = weight @ inputs.cholesky(getattr(config, "eps", 1e-6), name)
-        fisher_out = st.fisher_out if st is not None else None
-        spectra[name], score = whitened_spectrum(weight, fisher_out)
+        return inputs if inputs is not None and inputs.has_gram else None
+
+    def spectrum(name: str):
+        weight = dense_weight(modules[name]).detach().to(torch.float64)
+        inputs = inputs_of(name)
+        if inputs is not None:
+            weight = weight @ inputs.cholesky(eps, name)
+        st = stats.get(name)
+        return whitened_spectrum(weight, st.fisher_out if st is not None else None)
+
+    # Many small decompositions: one per core at a time (``map_one_thread_each``), the
+    # Cholesky factor of each distinct input first (modules sharing an input share it).
+    distinct = {id(i): (n, i) for n in modules if (i := inputs_of(n)) is not None}
+    on_cpu = all(dense_weight(m).device.type == "cpu" for m in modules.values())
+    workers = None if on_cpu else 1
+    map_one_thread_each(lambda ni: ni[1].cholesky(eps, ni[0]), list(distinct.values()), workers)
+    names = list(modules)
+    bar = tqdm(total=len(names), desc="spectra", disable=not progress, leave=False)
+
+    def counted(name: str):
+        try:
+            return spectrum(name)
+        finally:
+            bar.update()
+
+    with bar:
+        results = map_one_thread_each(counted, names, workers)
+    spectra, scores = {}, {}
+    for name, (spectrum_, score) in zip(names, results, strict=True):
+        spectra[name] = spectrum_
         if score is not None:
             scores[name] = score
     inp.spectra = spectra
