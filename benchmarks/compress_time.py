@@ -134,11 +134,12 @@ def run_version(version, args, work: Path) -> dict:
     fwd = forward_pass(args.model, args.samples * args.seq_len, args.seq_len)
     print(f"[{version}] forward pass {fwd:.1f} s", flush=True)
     runs = []
-    if version == "after":
+    if version == "after" and not args.cached_only:
         shutil.rmtree(calibration_cache(), ignore_errors=True)
     plan = [(r, "cold") for r in args.ratios]
     if version == "after":
-        plan = [(args.ratios[0], "cold")] + [(r, "cached") for r in args.ratios]
+        plan = [] if args.cached_only else [(args.ratios[0], "cold")]
+        plan += [(r, "cached") for r in args.ratios]
     for ratio, cache in plan:
         out = work / f"{version}-{ratio}-{cache}"
         row = compress(args.model, ratio, args.samples, args.seq_len, out, src)
@@ -280,6 +281,12 @@ def main() -> None:
         "--quality-data", nargs="+", default=["shakespeare-heldout", "/tmp/fortunes.txt"]
     )
     parser.add_argument("--work", default=None, help="folder for the outputs (default: temporary)")
+    parser.add_argument(
+        "--cached-only",
+        action="store_true",
+        help="after: keep the calibration-window cache and time only the cached runs",
+    )
+    parser.add_argument("--label", help="results key of this run (default: the version)")
     parser.add_argument("--name", default="compress_time")
     parser.add_argument(
         "--retime",
@@ -294,10 +301,11 @@ def main() -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="compress-time-"))
     work.mkdir(parents=True, exist_ok=True)
     for version in args.versions:
+        key = args.label or version
         if args.retime:
-            retime(entries[version], version, args, work)
+            retime(entries[key], version, args, work)
         else:
-            entries[version] = run_version(version, args, work)
+            entries[key] = run_version(version, args, work)
         path.write_text(json.dumps(entries, indent=2) + "\n")
     text = table(entries, args)
     (RESULTS / f"{args.name}.md").write_text(text)

@@ -291,51 +291,63 @@ def test_plan_ranks_unchanged_by_the_fast_spectra():
     assert allocate("global", inp) == {n: plan.ranks[n] for n in modules}
 
 
-def test_allocation_statistics_take_the_first_windows_holding_enough_tokens(monkeypatch):
-    """Statistics that only feed the allocation (sequential pipeline) come from the first
-    windows holding ``allocation_tokens`` tokens and twice the widest targeted input;
-    the whole pipeline, a loss-table allocation and ``allocation_tokens=0`` use all."""
+def test_allocation_fisher_takes_the_first_windows_holding_fisher_tokens(monkeypatch):
+    """Statistics that only feed the allocation (sequential pipeline) back-propagate the
+    first windows holding ``fisher_tokens`` tokens; the whole pipeline, a loss-table
+    allocation, ``fisher_tokens=0`` and a budget above the windows back-propagate all."""
     import dataclasses
 
-    from rankcut.layers import dense_shape
     from rankcut.methods import SvdLlmConfig
     from rankcut.pipelines import plan as plan_module
 
     model = tiny_llama(num_hidden_layers=2)
-    windows = _windows(count=40, length=32)
-    widest = max(dense_shape(m)[1] for m in find_targets(model).values())
-    config = SvdLlmConfig(ratio=0.4, pipeline="sequential", allocation_tokens=64)
-    got = plan_module.statistics_windows(model, config, windows)
-    expected = -(-max(64, 2 * widest) // 32)
-    assert expected < 40 and torch.equal(got, windows[:expected])
-    big = dataclasses.replace(config, allocation_tokens=32 * 100)
-    assert torch.equal(plan_module.statistics_windows(model, big, windows), windows)
+    windows = _windows(count=10, length=32)
+    config = SvdLlmConfig(ratio=0.4, pipeline="sequential", fisher_tokens=70)
+    assert plan_module.fisher_windows(model, config, windows) == 3  # ceil(70 / 32)
     for other in (
         dataclasses.replace(config, pipeline="whole"),
-        dataclasses.replace(config, allocation_tokens=0),
+        dataclasses.replace(config, fisher_tokens=0),
+        dataclasses.replace(config, fisher_tokens=32 * 10),
         dataclasses.replace(config, allocation="sensitivity"),
     ):
-        assert plan_module.statistics_windows(model, other, windows) is windows
+        assert plan_module.fisher_windows(model, other, windows) is None
 
     seen = []
     real = plan_module.collect_layer_stats
 
-    def spy(model, modules, calibration, needs, progress=True):
-        seen.append(None if calibration is None else calibration.shape[0])
-        return real(model, modules, calibration, needs, progress)
+    def spy(model, modules, calibration, needs, progress=True, grad_windows=None):
+        seen.append((calibration.shape[0], grad_windows))
+        return real(model, modules, calibration, needs, progress, grad_windows=grad_windows)
 
     monkeypatch.setattr(plan_module, "collect_layer_stats", spy)
     plan_module.make_plan(model, config, windows, progress=False)
-    assert seen == [expected]
+    assert seen == [(10, 3)]
 
 
-def test_allocation_tokens_is_checked():
+@pytest.mark.parametrize("grad_windows", [1, 3, 5])
+def test_fisher_on_leading_windows_gram_on_all(grad_windows):
+    """With ``grad_windows`` the Gram still sums every window (the rest run forward only,
+    stopped before the head) and the output Fisher sums the first windows only."""
+    model = tiny_llama(num_hidden_layers=2)
+    modules = find_targets(model)
+    windows = _windows(count=7, length=16)
+    needs = frozenset({"gram", "fisher_out"})
+    stats = collect_layer_stats(model, modules, windows, needs, False, grad_windows=grad_windows)
+    grams = reference_gram(model, modules, windows)
+    _, f_out = reference_fisher(model, modules, windows[:grad_windows])
+    for name in modules:
+        assert_close(stats[name].inputs.gram, grams[name])
+        assert_close(stats[name].fisher_out, f_out[name])
+        assert stats[name].inputs.tokens == windows.numel()
+
+
+def test_fisher_tokens_is_checked():
     from rankcut.errors import ConfigError
     from rankcut.methods import SvdLlmConfig
 
     for bad in (-1, 1.5, True, "4096"):
-        with pytest.raises(ConfigError, match="allocation_tokens"):
-            SvdLlmConfig(allocation_tokens=bad)
+        with pytest.raises(ConfigError, match="fisher_tokens"):
+            SvdLlmConfig(fisher_tokens=bad)
 
 
 def test_map_one_thread_each_keeps_order_and_restores_the_thread_count():

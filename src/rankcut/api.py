@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from .calibrate import collect_layer_stats
 from .methods import MethodConfig
-from .pipelines.plan import make_plan, select_targets, statistics_needed, statistics_windows
+from .pipelines.plan import fisher_windows, make_plan, select_targets, statistics_needed
 
 __all__ = ["CompressionResult", "collect_statistics", "compress", "statistics_needed"]
 
@@ -65,8 +65,8 @@ def collect_statistics(
     """
     modules, _, _ = select_targets(model, config)
     needs = statistics_needed(model, config, calibration)
-    windows = statistics_windows(model, config, calibration)
-    return collect_layer_stats(model, modules, windows, needs, progress)
+    grad = fisher_windows(model, config, calibration)
+    return collect_layer_stats(model, modules, calibration, needs, progress, grad_windows=grad)
 
 
 def compress(

@@ -23,6 +23,7 @@ from ..layers import dense_shape
 from ..models.adapter import adapter_for
 from ..models.kind import is_causal_lm
 from .hooks import HookManager
+from .sequential import StopForward
 from .stats import InputStats, LayerStats
 
 logger = logging.getLogger(__name__)
@@ -201,9 +202,14 @@ def _gradient_pass(
     outputs: bool = False,
     batch_size: int | None = None,
     progress: bool = True,
+    grad_windows: int | None = None,
 ) -> tuple[dict[str, InputStats] | None, dict[str, Tensor] | None, dict[str, Tensor] | None]:
     """One forward+backward over ``windows``: input statistics (forward hooks), weight
-    Fisher (per window, from weight gradients) and output Fisher (backward hooks)."""
+    Fisher (per window, from weight gradients) and output Fisher (backward hooks).
+
+    With ``grad_windows`` (output Fisher only) just the first that many windows are
+    back-propagated; the others run forward for the input statistics alone, without a
+    graph and stopped once every module has seen its input (the head never runs)."""
     device = _model_device(model)
     if weights:
         batch_size = 1  # the weight Fisher squares each window's own weight gradient
@@ -238,7 +244,9 @@ def _gradient_pass(
     f_in = zeros(1) if weights else None
     f_out = zeros(0) if outputs else None
     inputs = _InputHooks(modules, gram, abs_mean) if gram or abs_mean else None
-    batch: dict = {"weights": None, "size": 1, "reached": set()}
+    batch: dict = {"weights": None, "size": 1, "reached": set(), "grad": True, "seen": set()}
+    if weights or grad_windows is None or inputs is None:
+        grad_windows = len(windows)  # (weight Fisher, or nothing but gradients to gather)
 
     def out_hook(name: str):
         def accumulate(grad: Tensor) -> None:
@@ -254,12 +262,33 @@ def _gradient_pass(
                 f_out[name] += (squares.to(torch.float64) * w[:, None].to(device)).sum(0)
 
         def hook(module, args, output):
+            if not batch["grad"]:
+                return None
             if not output.requires_grad:
                 output = output + anchor
             output.register_hook(accumulate)
             return output
 
         return hook
+
+    def stop_hook(name: str):
+        def hook(module, args, output):  # after the module's input hook (registered later)
+            batch["seen"].add(name)
+            if not batch["grad"] and len(batch["seen"]) == len(modules):
+                raise StopForward
+
+        return hook
+
+    def forward_only(ids: Tensor) -> None:
+        batch.update(grad=False, seen=set())
+        try:
+            with torch.no_grad():
+                _forward(model, ids, use_cache=False)
+        except StopForward:
+            pass
+        missing = set(modules) - batch["seen"]
+        if missing:
+            raise RankcutError(f"module {sorted(missing)[0]} received no input during calibration")
 
     try:
         with HookManager() as hooks, torch.enable_grad():
@@ -268,12 +297,21 @@ def _gradient_pass(
             if outputs or not weights:
                 for name, module in modules.items():
                     hooks.forward(module, out_hook(name))
+            for name, module in modules.items():
+                hooks.forward(module, stop_hook(name))
             desc = "calibrating" if inputs is not None else "fisher"
-            for rows in tqdm(
-                windows.split(batch_size), desc=desc, disable=not progress, leave=False
-            ):
+            batches = [(b, True) for b in windows[:grad_windows].split(batch_size)]
+            if grad_windows < len(windows):
+                rest = windows[grad_windows:]
+                batches += [(b, False) for b in rest.split(fisher_batch_size(model, rest))]
+            for rows, with_grad in tqdm(batches, desc=desc, disable=not progress, leave=False):
                 ids = rows.to(device)
-                batch.update(size=len(ids), reached=set())
+                if not with_grad:
+                    if inputs is not None:
+                        inputs.new_batch()
+                    forward_only(ids)
+                    continue
+                batch.update(size=len(ids), reached=set(), grad=True, seen=set())
                 batch["weights"] = _sample_weights(ids) if len(ids) > 1 else None
                 if inputs is not None:
                     inputs.new_batch()
@@ -367,10 +405,13 @@ def collect_layer_stats(
     windows: Tensor | None,
     needs: frozenset[str],
     progress: bool = True,
+    grad_windows: int | None = None,
 ) -> dict[str, LayerStats]:
     """Gather what is ``needs``-ed (``gram``, ``abs_mean``, ``fisher``, ``fisher_out``) per module.
 
     Input statistics and gradients needed together come from one forward+backward pass.
+    ``grad_windows``: the output Fisher (``fisher_out`` without ``fisher``) is summed over
+    the first that many windows only; input statistics still take every window.
     """
     stats = {name: LayerStats() for name in modules}
     if not needs or not modules:
@@ -390,6 +431,7 @@ def collect_layer_stats(
             weights=weights,
             outputs=outputs,
             progress=progress,
+            grad_windows=grad_windows,
         )
     elif gram or abs_mean:
         # sums over tokens: windows of equal length share a forward (bounded memory)

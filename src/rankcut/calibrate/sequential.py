@@ -20,7 +20,7 @@ from ..models.adapter import adapter_for
 from .hooks import HookManager
 
 
-class _Stop(Exception):
+class StopForward(Exception):
     """Raised by the capture hook to end the forward pass early."""
 
 
@@ -51,7 +51,7 @@ def capture_block_inputs(
     def hook(module, args, kwargs):
         hidden, rest = (args[0], args[1:]) if args else (kwargs.pop("hidden_states"), ())
         captured.append(BlockInputs(hidden, rest, dict(kwargs)))
-        raise _Stop
+        raise StopForward
 
     adapter = adapter_for(model)
     was_training = model.training
@@ -62,7 +62,7 @@ def capture_block_inputs(
             ids = batch.to(device)
             try:
                 model(**adapter.inputs(ids, attention_mask=torch.ones_like(ids), use_cache=False))
-            except _Stop:
+            except StopForward:
                 continue
             raise RankcutError("the first decoder block was never called")
     model.train(was_training)
@@ -86,12 +86,12 @@ def module_input(run, module: nn.Module) -> Tensor:
 
     def hook(mod, args):
         got.append(args[0].detach())
-        raise _Stop
+        raise StopForward
 
     handle = module.register_forward_pre_hook(hook)
     try:
         run()
-    except _Stop:
+    except StopForward:
         pass
     finally:
         handle.remove()

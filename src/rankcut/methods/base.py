@@ -20,8 +20,8 @@ from ..errors import ConfigError
 #: Measured on a 2-core CPU with SmolLM2-135M's shapes (benchmarks/rank_multiples.py).
 DEFAULT_RANK_MULTIPLE = 8
 DEFAULT_MIN_SPEEDUP = 1.1
-#: Calibration tokens of the allocation-only statistics pass (``allocation_tokens``).
-DEFAULT_ALLOCATION_TOKENS = 4096
+#: Calibration tokens of the allocation's output-Fisher backward (``fisher_tokens``).
+DEFAULT_FISHER_TOKENS = 4096
 
 
 @dataclass
@@ -55,13 +55,13 @@ class MethodConfig:
         min_speedup: a matrix stays dense unless its rank cuts its multiply-adds by at
             least this factor (near ``mn / (m + n)`` two thin products are slower than
             one dense product); ``1.0`` only requires saving parameters.
-        allocation_tokens: when the pipeline gathers its own statistics block by block
-            (``sequential``), the whole-model pass that only feeds the allocation (Gram
-            matrices and output Fisher for the spectra and scores) runs on the first
-            calibration windows holding this many tokens, and at least twice the widest
-            targeted input (so that every Gram is well determined); ``0`` = every window.
-            The ``whole`` pipeline, which factorizes from that pass, always uses every
-            window. Default measured in ``benchmarks/results/compress_time.md``.
+        fisher_tokens: when the pipeline gathers its own statistics block by block
+            (``sequential``), the whole-model pass that only feeds the allocation takes
+            its Gram matrices on every calibration window but the output Fisher (the
+            loss weights of the global allocation's scores, a backward through the
+            whole model) on the first windows holding this many tokens; ``0`` = every
+            window. The ``whole`` pipeline and loss-table allocations use every window.
+            Default measured in ``benchmarks/results/compress_time.md``.
     """
 
     method: ClassVar[str] = ""
@@ -80,7 +80,7 @@ class MethodConfig:
     refit: bool = True
     rank_multiple: int = DEFAULT_RANK_MULTIPLE
     min_speedup: float = DEFAULT_MIN_SPEEDUP
-    allocation_tokens: int = DEFAULT_ALLOCATION_TOKENS
+    fisher_tokens: int = DEFAULT_FISHER_TOKENS
 
     def __post_init__(self) -> None:
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)):
@@ -121,9 +121,9 @@ class MethodConfig:
         if not 1.0 <= self.min_speedup < 10.0:
             raise ConfigError(f"min_speedup must be in [1, 10), got {self.min_speedup}")
         self.min_speedup = float(self.min_speedup)
-        tokens = self.allocation_tokens
+        tokens = self.fisher_tokens
         if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
-            raise ConfigError(f"allocation_tokens must be an integer >= 0, got {tokens!r}")
+            raise ConfigError(f"fisher_tokens must be an integer >= 0, got {tokens!r}")
         if not isinstance(self.refit, bool):
             raise ConfigError(f"refit must be true or false, got {self.refit!r}")
         from ..pipelines import config_pipelines

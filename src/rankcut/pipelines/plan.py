@@ -155,30 +155,28 @@ def statistics_needed(
     return frozenset(needs)
 
 
-def statistics_windows(
+def fisher_windows(
     model: nn.Module, config: MethodConfig, calibration: Tensor | None
-) -> Tensor | None:
-    """The calibration windows the whole-model pass of ``compress(model, config)`` runs on.
+) -> int | None:
+    """How many leading calibration windows the whole-model pass back-propagates for
+    the output Fisher (``None``: every window; the Gram matrices always take all).
 
     Every window when that pass also feeds the factorization (``whole`` pipeline) or a
     measured loss table; otherwise (its statistics only rank directions for the
-    allocation) the first windows holding ``config.allocation_tokens`` tokens and at
-    least twice the widest targeted input, so that no Gram matrix is rank-deficient for
-    want of tokens. The output Fisher (a per-channel mean of squared gradients) and the
-    whitened spectra are estimates that a quarter of the default calibration holds
-    within the allocation's rounding; the backward of that pass was the largest cost of
-    the default recipe (``benchmarks/results/compress_profile.md``).
+    allocation) the first windows holding ``config.fisher_tokens`` tokens. The output
+    Fisher is a per-channel mean of squared gradients, which needs fewer tokens than a
+    Gram matrix: on SmolLM2-135M, Gram matrices from a quarter of the default windows
+    moved the allocation more than the Fisher did and cost 6% perplexity at ratio 0.2
+    (``benchmarks/results/compress_time.md``), so they keep every window. The backward
+    was the largest cost of the default recipe (``benchmarks/results/compress_profile.md``).
     """
-    if calibration is None or calibration.ndim != 2 or not config.allocation_tokens:
-        return calibration
+    if calibration is None or calibration.ndim != 2 or not config.fisher_tokens:
+        return None
     config = resolve_config(model, config, calibration)
     if config.pipeline == "whole" or "loss_table" in ALLOCATORS[config.allocation].needs:
-        return calibration
-    _, _, shapes = select_targets(model, config)
-    widest = max((n for _, n in shapes.values()), default=0)
-    tokens = max(config.allocation_tokens, 2 * widest)
-    count = -(-tokens // max(calibration.shape[1], 1))  # ceil
-    return calibration[: max(1, count)]
+        return None
+    count = -(-config.fisher_tokens // max(calibration.shape[1], 1))  # ceil
+    return max(1, count) if count < calibration.shape[0] else None
 
 
 def check_given_stats(stats: dict, modules: dict, needs: frozenset[str]) -> None:
@@ -491,8 +489,12 @@ def make_plan(
     needs = statistics_needed(model, config, calibration) if runner.in_memory else frozenset()
     if stats is None:
         gather = runner.in_memory and modules
-        windows = statistics_windows(model, config, calibration) if needs else calibration
-        stats = collect_layer_stats(model, modules, windows, needs, progress) if gather else {}
+        grad = fisher_windows(model, config, calibration)
+        stats = (
+            collect_layer_stats(model, modules, calibration, needs, progress, grad_windows=grad)
+            if gather
+            else {}
+        )
     else:
         check_given_stats(stats, modules, needs)
         stats = dict(stats)  # the pipeline releases entries as it goes; keep the caller's
