@@ -120,8 +120,7 @@ def render(runs: list[dict], args: argparse.Namespace) -> str:
             else "Profiled one job at a time with nothing else running on the machine."
         )
         + f" Calibration: {args.samples} x {args.seq_len} tokens (the recipe's default is "
-        "32 x 512)"
-        + (f", `--calib {args.calib}`." if args.calib else "."),
+        "32 x 512)" + (f", `--calib {args.calib}`." if args.calib else "."),
         "",
     ]
     if len(runs) > 1:
@@ -175,6 +174,7 @@ def main() -> None:
     parser.add_argument(
         "--shared", action="store_true", help="say that other jobs shared the machine"
     )
+    parser.add_argument("--label", help="name of the profiled version in the results")
     parser.add_argument("--name", default="compress_profile")
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder of NAME.md")
     args = parser.parse_args()
@@ -183,13 +183,20 @@ def main() -> None:
         src = args.before_src if version == "before" else None
         print(f"profiling {version} ...", flush=True)
         run = profile(version, src, args)
+        if args.label:
+            run["version"] = args.label
         run["date"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         print(f"  {run['total']:.1f} s, phases {run['phases']}", flush=True)
         runs.append(run)
     args.results.mkdir(parents=True, exist_ok=True)
+    raw = args.results / f"{args.name}.runs.json"
+    # Merge with the runs of earlier invocations (a run of the same label is replaced), so
+    # that versions profiled at different times share one table.
+    earlier = json.loads(raw.read_text()) if raw.exists() else []
+    labels = {run["version"] for run in runs}
+    runs = [run for run in earlier if run["version"] not in labels] + runs
+    raw.write_text(json.dumps(runs) + "\n")
     (args.results / f"{args.name}.md").write_text(render(runs, args))
-    if args.results != RESULTS:  # raw runs beside a side folder's table, for merging
-        (args.results / f"{args.name}.runs.json").write_text(json.dumps(runs) + "\n")
     print(f"wrote {args.results / (args.name + '.md')}")
 
 

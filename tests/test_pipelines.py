@@ -144,7 +144,10 @@ def test_sequential_runs_every_method(method):
     targets = find_targets(dense)
 
     model = copy.deepcopy(dense)
-    config = spec.config_cls(pipeline="sequential", refit=True, **EXACT_OPTIONS.get(method, {}))
+    # refit_damp=0: the plain least squares (its ridge: test_refit_at_full_rank_is_...)
+    config = spec.config_cls(
+        pipeline="sequential", refit=True, refit_damp=0.0, **EXACT_OPTIONS.get(method, {})
+    )
     shapes = {n: dense_weight(m).shape for n, m in targets.items()}
     ranks = {
         n: full_rank(method, *shape) if ".layers.1." in n else rank_for_ratio(*shape, 0.4)
@@ -256,6 +259,9 @@ def test_pipeline_validation():
         SvdLlmConfig(pipeline="nope")
     with pytest.raises(ConfigError, match="refit"):
         SvdLlmConfig(refit="yes")
+    for bad in (-0.1, "0.01", True):
+        with pytest.raises(ConfigError, match="refit_damp"):
+            SvdLlmConfig(refit_damp=bad)
     with pytest.raises(RankcutError, match="calibration"):
         rankcut.compress(
             tiny_llama(), METHODS["svd"].config_cls(pipeline="sequential"), None, progress=False
@@ -301,11 +307,14 @@ def test_auto_pipeline_equals_explicit_sequential():
         torch.testing.assert_close(la.weight_product(), lb.weight_product(), rtol=0, atol=0)
 
 
-def test_refit_at_full_rank_is_the_least_squares_map():
+@pytest.mark.parametrize("damp", [0.0, 0.01, 1.0])
+def test_refit_at_full_rank_is_the_least_squares_map(damp):
     """Block 1 at full rank after a truncated block 0: each matrix must be the map that
     best reproduces the dense layer's outputs from the compressed model's inputs,
-    ``argmin ||X' W^T - X W_dense^T||``. Covers both ways the cross products are formed
-    (``down_proj`` is narrower out than in: direct; the others go through ``X'^T X``)."""
+    ``argmin ||X' W^T - X W_dense^T||^2 + lam ||W - W_dense||^2`` with ``lam = damp *
+    mean(diag X'^T X')`` (``refit_damp``; 0: the plain least squares). Covers both ways
+    the cross products are formed (``down_proj`` is narrower out than in: direct; the
+    others go through ``X'^T X``)."""
     x = calib(n=8, seq=48)
     dense = tiny_llama()
     model = copy.deepcopy(dense)
@@ -319,7 +328,7 @@ def test_refit_at_full_rank_is_the_least_squares_map():
         targets,
         ranks,
         METHODS["svd-llm"],
-        SvdLlmConfig(pipeline="sequential"),
+        SvdLlmConfig(pipeline="sequential", refit_damp=damp),
         x,
         progress=False,
     )
@@ -342,15 +351,20 @@ def test_refit_at_full_rank_is_the_least_squares_map():
     for n in block1:
         w = dense_weight(dense.get_submodule(n)).detach().double()
         a, b = xc[n].double(), xd[n].double() @ w.T
-        expected = torch.linalg.lstsq(a, b).solution.T
+        lam = damp * float((a * a).sum(0).mean())
+        # the ridge towards w as a stacked least squares: [a; sqrt(lam) I] W^T = [b; sqrt(lam) w^T]
+        eye = torch.eye(a.shape[1], dtype=a.dtype) * lam**0.5
+        expected = torch.linalg.lstsq(torch.cat([a, eye]), torch.cat([b, eye @ w.T])).solution.T
         got = model.get_submodule(n).weight_product().detach().double()
         assert not torch.allclose(xc[n], xd[n], atol=1e-3)  # the inputs really differ
         # Compared through the outputs: where X' is nearly rank-deficient the map itself
         # is poorly determined, its outputs are not.
         torch.testing.assert_close(a @ got.T, a @ expected.T, atol=1e-4, rtol=1e-4)
-        assert float(torch.linalg.norm(a @ got.T - b)) <= 1.0001 * float(
-            torch.linalg.norm(a @ expected.T - b)
-        )
+
+        def objective(m, a=a, b=b, w=w, lam=lam):
+            return float(torch.linalg.norm(a @ m.T - b) ** 2 + lam * torch.linalg.norm(m - w) ** 2)
+
+        assert objective(got) <= 1.0001 * objective(expected)
 
 
 def _block_runs(model):

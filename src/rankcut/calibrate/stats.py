@@ -103,17 +103,51 @@ class InputStats:
             self.cache[key] = psd_cholesky(self.gram, eps=eps, name=name)
         return self.cache[key]
 
+    def damped_cholesky(self, damp: float, name: str = "") -> tuple[Tensor, float]:
+        """``(L, lam)``: the Cholesky factor of ``X^T X + lam I`` with ``lam = damp *
+        mean(diag X^T X)`` (a ridge of that strength), computed once per ``damp``."""
+        from ..decompose import psd_cholesky
+
+        if damp == 0:  # the plain factor (shared with a method whitening at that eps)
+            return self.cholesky(DEFAULT_EPS, name), 0.0
+        key = ("damped", damp)
+        if key not in self.cache:
+            if self.gram is None:
+                from ..errors import RankcutError
+
+                raise RankcutError(
+                    f"no Gram matrix for {name or 'this input'} (released before its "
+                    f"damped factor for damp {damp} was made)"
+                )
+            diagonal = self.gram.diagonal()
+            lam = damp * float(diagonal.mean())
+            diagonal.add_(lam)  # in place (no second (in, in) matrix), undone below
+            try:
+                chol = psd_cholesky(self.gram, eps=DEFAULT_EPS, name=name)
+            finally:
+                diagonal.sub_(lam)
+            self.cache[key] = (chol, lam)
+        return self.cache[key]
+
     @property
     def has_gram(self) -> bool:
         """The Gram matrix, or a Cholesky factor of it, is available."""
         return self.gram is not None or any(k[0] == "chol" for k in self.cache)
 
-    def release_gram(self, keep_eps: tuple[float, ...] = (DEFAULT_EPS,), name: str = "") -> None:
-        """Factor the Gram for each ``keep_eps``, then drop it to save an (in, in) float64."""
+    def release_gram(
+        self,
+        keep_eps: tuple[float, ...] = (DEFAULT_EPS,),
+        name: str = "",
+        keep_damped: tuple[float, ...] = (),
+    ) -> None:
+        """Factor the Gram for each ``keep_eps`` (``cholesky``) and ``keep_damped``
+        (``damped_cholesky``), then drop it to save an (in, in) float64."""
         if self.gram is None:
             return
         for eps in keep_eps:
             self.cholesky(eps, name)
+        for damp in keep_damped:
+            self.damped_cholesky(damp, name)
         self.gram = None
 
     @property

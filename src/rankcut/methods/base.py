@@ -20,6 +20,8 @@ from ..errors import ConfigError
 #: Measured on a 2-core CPU with SmolLM2-135M's shapes (benchmarks/rank_multiples.py).
 DEFAULT_RANK_MULTIPLE = 8
 DEFAULT_MIN_SPEEDUP = 1.1
+#: Ridge of the sequential refit towards the dense weight (``refit_damp``).
+DEFAULT_REFIT_DAMP = 0.01
 #: Calibration tokens of the allocation's output-Fisher backward (``fisher_tokens``).
 DEFAULT_FISHER_TOKENS = 4096
 
@@ -49,6 +51,11 @@ class MethodConfig:
             ``W_ls = W C^T G'^-1``, then the method factorizes ``W_ls``; with ``svd-llm``
             this is the exact reduced-rank regression). ``False`` only takes the
             statistics from the compressed prefix.
+        refit_damp: ridge of the refit towards the dense weight, ``lam = refit_damp *
+            mean(diag X'^T X')``: ``W_ls^T = (G' + lam I)^-1 (C W^T + lam W^T)``. Without
+            it the least squares is unbounded in directions the calibration inputs
+            barely span (GPTQ dampens its Hessian by 1% of the mean diagonal for the
+            same reason). ``0`` = the plain least squares.
         rank_multiple: ranks (from any allocator) are rounded down to a multiple of this
             when at least 4 multiples, and the budget refilled in such steps; ``1``
             turns it off. Default measured in ``benchmarks/results/rank_multiples.md``.
@@ -78,6 +85,7 @@ class MethodConfig:
     allocation_options: dict[str, Any] = field(default_factory=dict)
     pipeline: str = "auto"
     refit: bool = True
+    refit_damp: float = DEFAULT_REFIT_DAMP
     rank_multiple: int = DEFAULT_RANK_MULTIPLE
     min_speedup: float = DEFAULT_MIN_SPEEDUP
     fisher_tokens: int = DEFAULT_FISHER_TOKENS
@@ -121,6 +129,10 @@ class MethodConfig:
         if not 1.0 <= self.min_speedup < 10.0:
             raise ConfigError(f"min_speedup must be in [1, 10), got {self.min_speedup}")
         self.min_speedup = float(self.min_speedup)
+        damp = self.refit_damp
+        if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not damp >= 0:
+            raise ConfigError(f"refit_damp must be a number >= 0, got {damp!r}")
+        self.refit_damp = float(damp)
         tokens = self.fisher_tokens
         if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
             raise ConfigError(f"fisher_tokens must be an integer >= 0, got {tokens!r}")
