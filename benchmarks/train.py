@@ -250,7 +250,8 @@ def write_results(args, runs: dict, maestro: dict | None, wall: float, plt) -> N
         f"# Low rank while training: `rankcut train` from scratch ({args.arch})",
         "",
         f"Command: `.venv/bin/python benchmarks/train.py {' '.join(sys.argv[1:])}` "
-        f"({wall / 60:.1f} min in all; {torch.get_num_threads()} threads).",
+        f"({wall / 60:.1f} min in all; {torch.get_num_threads()} threads). Run one job at "
+        "a time with nothing else on the machine (tokens/s and wall time depend on it).",
         "",
         f"Every run: `rankcut train --arch {args.arch} --data {args.data}`, {args.steps} steps "
         f"of {args.batch} x {args.seq_len} tokens (equal steps and tokens), seed {args.seed}; "
