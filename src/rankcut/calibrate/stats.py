@@ -86,6 +86,12 @@ class InputStats:
             self.abs_sum = a if self.abs_sum is None else self.abs_sum.add_(a)
         self.tokens += x.shape[0]
 
+    def _require_gram(self, name: str, why: str) -> None:
+        if self.gram is None:
+            from ..errors import RankcutError
+
+            raise RankcutError(f"no Gram matrix for {name or 'this input'} ({why})")
+
     def cholesky(self, eps: float = DEFAULT_EPS, name: str = "") -> Tensor:
         """Cholesky factor of the Gram matrix, computed once per ``eps`` and shared by
         every module reading this input (allocation spectra and SVD-LLM factors alike)."""
@@ -93,13 +99,10 @@ class InputStats:
 
         key = ("chol", eps)
         if key not in self.cache:
-            if self.gram is None:
-                from ..errors import RankcutError
-
-                raise RankcutError(
-                    f"no Gram matrix for {name or 'this input'} (not gathered, or released "
-                    f"after its Cholesky factor for another eps than {eps})"
-                )
+            self._require_gram(
+                name,
+                f"not gathered, or released after its Cholesky factor for another eps than {eps}",
+            )
             self.cache[key] = psd_cholesky(self.gram, eps=eps, name=name)
         return self.cache[key]
 
@@ -112,13 +115,7 @@ class InputStats:
             return self.cholesky(DEFAULT_EPS, name), 0.0
         key = ("damped", damp)
         if key not in self.cache:
-            if self.gram is None:
-                from ..errors import RankcutError
-
-                raise RankcutError(
-                    f"no Gram matrix for {name or 'this input'} (released before its "
-                    f"damped factor for damp {damp} was made)"
-                )
+            self._require_gram(name, f"released before its damped factor for damp {damp} was made")
             diagonal = self.gram.diagonal()
             lam = damp * float(diagonal.mean())
             diagonal.add_(lam)  # in place (no second (in, in) matrix), undone below
