@@ -315,9 +315,11 @@ def test_allocation_fisher_takes_the_first_windows_holding_fisher_tokens(monkeyp
     seen = []
     real = plan_module.collect_layer_stats
 
-    def spy(model, modules, calibration, needs, progress=True, grad_windows=None):
+    def spy(model, modules, calibration, needs, progress=True, grad_windows=None, keep=None):
         seen.append((calibration.shape[0], grad_windows))
-        return real(model, modules, calibration, needs, progress, grad_windows=grad_windows)
+        return real(
+            model, modules, calibration, needs, progress, grad_windows=grad_windows, keep=keep
+        )
 
     monkeypatch.setattr(plan_module, "collect_layer_stats", spy)
     plan_module.make_plan(model, config, windows, progress=False)

@@ -479,3 +479,91 @@ def test_fused_statistics_pass_changes_nothing(monkeypatch):
     assert models[True].keys() == models[False].keys()
     for n in models[True]:
         torch.testing.assert_close(models[True][n], models[False][n], rtol=0, atol=0)
+
+
+def _compress_products(monkeypatch, kept: bool, x, **config):
+    """``compress`` (sequential, refit, global allocation) with the dense stage inputs
+    kept from the statistics pass (no dense block run allowed) or not kept at all."""
+    import rankcut.api as api
+    import rankcut.calibrate.activations as activations
+    import rankcut.pipelines.sequential as sequential
+
+    with monkeypatch.context() as m:
+        if kept:
+
+            def no_dense_run(*args, **kwargs):
+                raise AssertionError("a dense block ran although its inputs were kept")
+
+            m.setattr(sequential, "_dense_pass", no_dense_run)
+        else:
+            m.setattr(activations, "MEMORY_FRACTION", 0.0)
+        model = tiny_llama(num_hidden_layers=3)
+        cfg = SvdLlmConfig(ratio=0.4, pipeline="sequential", **config)
+        plan = {}
+        real_plan = api.make_plan
+
+        def spy(*args, **kwargs):
+            plan["plan"] = real_plan(*args, **kwargs)
+            plan["kept"] = plan["plan"].dense_inputs is not None
+            return plan["plan"]
+
+        m.setattr(api, "make_plan", spy)
+        rankcut.compress(model, cfg, x, progress=False)
+        assert plan["kept"] is kept
+        assert plan["plan"].dense_inputs is None  # the pipeline released them
+    return products(model)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {},  # every window back-propagated (few tokens)
+        {"fisher_tokens": 64},  # two windows back-propagated, the rest forward-only
+        {"exclude": [r"layers\.1\."]},  # a block with no targets: the dense stream crosses it
+        {"rank_pattern": {r"layers\.0\.self_attn\.q_proj": 64}},  # q kept dense, k/v shared
+    ],
+    ids=["all-grad", "forward-only", "empty-block", "owner-kept"],
+)
+def test_dense_inputs_kept_from_statistics_change_nothing(monkeypatch, config):
+    """The refit's dense stage inputs kept from the allocation's statistics pass give
+    the model that rerunning the dense blocks gives (to float rounding: the pass batches
+    windows differently)."""
+    x = calib(n=12)
+    with_kept = _compress_products(monkeypatch, True, x, **config)
+    rerun = _compress_products(monkeypatch, False, x, **config)
+    assert with_kept.keys() == rerun.keys()
+    if "exclude" in config:
+        assert not any(".layers.1." in n for n in with_kept)
+    for n in with_kept:
+        torch.testing.assert_close(with_kept[n], rerun[n], rtol=1e-5, atol=1e-6)
+
+
+def test_stage_inputs_keep_one_tensor_per_shared_input_and_regroup():
+    from rankcut.calibrate import StageInputs
+
+    keep = StageInputs(tokens=12)
+    a, b = torch.randn(2, 3, 4), torch.randn(2, 3, 5)
+    for batch in range(2):  # two batches of two windows of three tokens
+        keep.record("blk.q", "blk.q", a + batch)
+        keep.record("blk.k", "blk.q", a + batch)  # the same tensor: nothing more is kept
+        keep.record("blk.o", "blk.o", b + batch)
+    assert keep.nbytes == 4 * 12 * (4 + 5)
+    stages, inputs = keep.take_block("blk.", ["blk.k", "blk.o"], [3, 3, 3, 3])
+    assert stages == [["blk.k"], ["blk.o"]]  # q kept dense: k's stage reads q's input
+    assert [t.shape for t in inputs["blk.k"]] == [(3, 4)] * 4
+    torch.testing.assert_close(torch.cat(inputs["blk.o"]), torch.cat([b, b + 1]).reshape(-1, 5))
+    assert keep.parts == {}  # released
+    with pytest.raises(RankcutError, match="never called"):
+        keep.take_block("blk.", ["blk.v"], [12])
+
+
+def test_stage_inputs_dropped_when_they_would_not_fit():
+    from rankcut.calibrate import StageInputs
+
+    keep = StageInputs(tokens=1000, budget=1000 * 4 * 4)  # room for one 4-wide input
+    keep.record("q", "q", torch.randn(10, 4))
+    assert keep.active and keep.nbytes == 10 * 4 * 4
+    keep.record("o", "o", torch.randn(10, 4))  # the projection now exceeds the budget
+    assert not keep.active and keep.parts == {} and not keep.covers(["q"])
+    keep.record("q", "q", torch.randn(10, 4))
+    assert keep.parts == {}

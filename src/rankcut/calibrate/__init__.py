@@ -1,5 +1,6 @@
 """Calibration: hooks that collect sufficient statistics of layer inputs and gradients."""
 
+from .activations import StageInputs
 from .collect import (
     collect_fisher,
     collect_input_stats,
@@ -13,6 +14,7 @@ __all__ = [
     "HookManager",
     "InputStats",
     "LayerStats",
+    "StageInputs",
     "collect_fisher",
     "collect_input_stats",
     "collect_layer_stats",

@@ -23,6 +23,7 @@ from ..layers import dense_shape
 from ..models.adapter import adapter_for
 from ..models.kind import is_causal_lm
 from .hooks import HookManager
+from .activations import StageInputs
 from .sequential import StopForward
 from .stats import InputStats, LayerStats
 
@@ -49,9 +50,16 @@ def _forward(model: nn.Module, ids: Tensor, **kwargs):
 class _InputHooks:
     """Forward hooks that accumulate ``InputStats``, one per distinct input tensor."""
 
-    def __init__(self, modules: dict[str, nn.Module], gram: bool, abs_mean: bool) -> None:
+    def __init__(
+        self,
+        modules: dict[str, nn.Module],
+        gram: bool,
+        abs_mean: bool,
+        keep: StageInputs | None = None,
+    ) -> None:
         self.modules = modules
         self.gram, self.abs_mean = gram, abs_mean
+        self.keep = keep  # also keeps the inputs themselves
         self.shared: dict[str, InputStats] = {}
         self.owner_of: dict[str, str] = {}  # module name -> module whose stats it shares
         self.seen: list[tuple[Tensor, str]] = []  # this batch's inputs (kept alive on purpose)
@@ -64,10 +72,14 @@ class _InputHooks:
                     self.owner_of.setdefault(name, first)
                     if self.owner_of[name] != first:
                         raise RankcutError(f"{name} changed the input it shares across batches")
+                    if self.keep is not None:
+                        self.keep.record(name, first, x)
                     return
             if self.owner_of.get(name, name) != name:
                 raise RankcutError(f"{name} stopped sharing its input with {self.owner_of[name]}")
             self.seen.append((x, name))
+            if self.keep is not None:
+                self.keep.record(name, name, x)
             if name not in self.shared:
                 self.shared[name] = InputStats(
                     dense_shape(module)[1], want_gram=self.gram, want_abs=self.abs_mean
@@ -107,14 +119,15 @@ def input_stats_from_passes(
     abs_mean: bool = False,
     total: int | None = None,
     progress: bool = True,
+    keep: StageInputs | None = None,
 ) -> dict[str, InputStats]:
     """Input statistics of ``modules`` while each callable in ``passes`` runs one batch.
 
     The callables may run a whole model or a single decoder block; only the hooks on
     ``modules`` matter. Modules that receive the very same input tensor share one
-    ``InputStats`` object.
+    ``InputStats`` object. ``keep`` also keeps the inputs (``StageInputs``).
     """
-    inputs = _InputHooks(modules, gram, abs_mean)
+    inputs = _InputHooks(modules, gram, abs_mean, keep)
     with HookManager() as hooks:
         inputs.attach(hooks)
         for run in tqdm(passes, total=total, desc="calibrating", disable=not progress, leave=False):
@@ -133,6 +146,7 @@ def collect_input_stats(
     abs_mean: bool = False,
     batch_size: int = 1,
     progress: bool = True,
+    keep: StageInputs | None = None,
 ) -> dict[str, InputStats]:
     """Input statistics of each module in ``modules`` over the calibration ``windows``.
 
@@ -145,7 +159,9 @@ def collect_input_stats(
     was_training = model.training
     model.eval()
     try:
-        return input_stats_from_passes(modules, passes, gram, abs_mean, len(passes), progress)
+        return input_stats_from_passes(
+            modules, passes, gram, abs_mean, len(passes), progress, keep
+        )
     finally:
         model.train(was_training)
 
@@ -203,6 +219,7 @@ def _gradient_pass(
     batch_size: int | None = None,
     progress: bool = True,
     grad_windows: int | None = None,
+    keep: StageInputs | None = None,
 ) -> tuple[dict[str, InputStats] | None, dict[str, Tensor] | None, dict[str, Tensor] | None]:
     """One forward+backward over ``windows``: input statistics (forward hooks), weight
     Fisher (per window, from weight gradients) and output Fisher (backward hooks).
@@ -243,7 +260,7 @@ def _gradient_pass(
 
     f_in = zeros(1) if weights else None
     f_out = zeros(0) if outputs else None
-    inputs = _InputHooks(modules, gram, abs_mean) if gram or abs_mean else None
+    inputs = _InputHooks(modules, gram, abs_mean, keep) if gram or abs_mean else None
     batch: dict = {"weights": None, "size": 1, "reached": set(), "grad": True, "seen": set()}
     if weights or grad_windows is None or inputs is None:
         grad_windows = len(windows)  # (weight Fisher, or nothing but gradients to gather)
@@ -406,12 +423,15 @@ def collect_layer_stats(
     needs: frozenset[str],
     progress: bool = True,
     grad_windows: int | None = None,
+    keep: StageInputs | None = None,
 ) -> dict[str, LayerStats]:
     """Gather what is ``needs``-ed (``gram``, ``abs_mean``, ``fisher``, ``fisher_out``) per module.
 
     Input statistics and gradients needed together come from one forward+backward pass.
     ``grad_windows``: the output Fisher (``fisher_out`` without ``fisher``) is summed over
     the first that many windows only; input statistics still take every window.
+    ``keep`` (``StageInputs``) also keeps the inputs themselves, when input statistics
+    are gathered (nothing is kept otherwise).
     """
     stats = {name: LayerStats() for name in modules}
     if not needs or not modules:
@@ -432,12 +452,13 @@ def collect_layer_stats(
             outputs=outputs,
             progress=progress,
             grad_windows=grad_windows,
+            keep=keep,
         )
     elif gram or abs_mean:
         # sums over tokens: windows of equal length share a forward (bounded memory)
         batch = max(1, min(FISHER_MAX_BATCH, FISHER_BATCH_TOKENS // max(windows.shape[-1], 1)))
         inputs = collect_input_stats(
-            model, modules, windows, gram, abs_mean, batch_size=batch, progress=progress
+            model, modules, windows, gram, abs_mean, batch_size=batch, progress=progress, keep=keep
         )
     else:
         inputs = None

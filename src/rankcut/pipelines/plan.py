@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..calibrate import collect_layer_stats
+from ..calibrate import StageInputs, collect_layer_stats
 from ..calibrate.sensitivity import loss_table
 from ..decompose import all_finite
 from ..decompose.threads import map_one_thread_each, threads_for
@@ -71,6 +71,8 @@ class Plan:
         before: whole-model parameter counts before compression.
         stats: whole-model statistics of ``todo`` for the ``whole`` pipeline, else ``None``.
         phases: seconds spent on statistics and allocation so far.
+        dense_inputs: the targets' inputs kept from the statistics pass for the
+            sequential pipeline's refit (``StageInputs``; ``None`` when not kept).
     """
 
     config: MethodConfig
@@ -85,6 +87,7 @@ class Plan:
     before: dict[str, int]
     stats: dict | None = None
     phases: dict[str, float] = field(default_factory=dict)
+    dense_inputs: StageInputs | None = None
 
     @property
     def final_ranks(self) -> dict[str, int]:
@@ -487,11 +490,18 @@ def make_plan(
     # One whole-model pass serves both the allocation and, for the whole pipeline, the
     # factorization; the sequential pipelines gather their own statistics per block.
     needs = statistics_needed(model, config, calibration) if runner.in_memory else frozenset()
+    keep = None
     if stats is None:
         gather = runner.in_memory and modules
         grad = fisher_windows(model, config, calibration)
+        # The sequential refit reads the dense model's stage inputs: the pass runs the
+        # dense model over the same windows, so it keeps them (memory permitting).
+        if gather and runner.name == "sequential" and config.refit and calibration is not None:
+            keep = StageInputs(tokens=calibration.numel())
         stats = (
-            collect_layer_stats(model, modules, calibration, needs, progress, grad_windows=grad)
+            collect_layer_stats(
+                model, modules, calibration, needs, progress, grad_windows=grad, keep=keep
+            )
             if gather
             else {}
         )
@@ -510,6 +520,15 @@ def make_plan(
     # Only the whole pipeline factorizes from the whole-model statistics; free them
     # otherwise before the per-block passes.
     stats = {n: stats[n] for n in todo} if pipeline == "whole" else None
+    if keep is not None and not keep.covers(todo):
+        keep.drop("the statistics pass gathered no input statistics")
+    if keep is not None and keep.active:
+        keep.retain(todo)
+        logger.info(
+            "kept the dense stage inputs of the statistics pass for the refit (%.2f GiB)",
+            keep.nbytes / 2**30,
+        )
     return Plan(
-        config, spec, runner, modules, tied, shapes, ranks, kept, todo, before, stats, phases
-    )
+        config, spec, runner, modules, tied, shapes, ranks, kept, todo, before, stats, phases,
+        keep if keep is not None and keep.active else None,
+    )  # fmt: skip

@@ -353,6 +353,7 @@ def compress_block(
     release=None,
     spill=None,
     tail_wanted=True,
+    cached=None,
 ):
     """Compress the targets of one decoder block, stage by stage, in place.
 
@@ -365,10 +366,14 @@ def compress_block(
     makes the container for the dense stream's activations at each stage input
     (default: a list in memory; ``SpilledTensors`` moves them to disk). ``tail_wanted``
     (default) lets the last stage return the compressed outputs (``_Tail``); the caller
-    passes ``False`` when nothing reads them (the last block).
+    passes ``False`` when nothing reads them (the last block). ``cached``: the block's
+    ``(stages, dense stage inputs)`` kept from the statistics pass
+    (``StageInputs.take_block``), which replace the dense block's run (``dense`` is then
+    read only to tell the first block, whose dense stream is ``comp`` itself).
 
     Returns ``(dense_out, comp_out)``: the dense block's outputs on ``dense`` (a list of
-    hidden states, taken before anything is factorized; ``None`` without ``refit``) and,
+    hidden states, taken before anything is factorized; ``None`` without ``refit`` or
+    with ``cached``) and,
     where the last stage allowed it (``_Tail``), the compressed block's outputs on
     ``comp`` (else ``None``: advance the stream with a block run).
     """
@@ -380,8 +385,12 @@ def compress_block(
     # the Gram itself and need not be accumulated.
     same_stream = dense is comp
     dense_out = None
-    if not mods:
+    if cached is not None:
+        stages, dense_inputs = cached
+    elif not mods:
         stages = []
+        if config.refit and dense is not None:  # the dense stream still crosses the block
+            dense_out = list(advance(block, dense))
     elif config.refit:
         stages, dense_inputs, dense_out = _dense_pass(block, mods, dense, spill or (lambda _: []))
     else:
@@ -458,13 +467,20 @@ def advance(block, comp):
 
 @register_pipeline("sequential", summary="block by block on the compressed prefix, refit")
 def _run_planned(model, plan, calibration, *, progress=True) -> None:
+    dense_inputs, plan.dense_inputs = plan.dense_inputs, None  # freed block by block
     run_sequential(
-        model, plan.todo, plan.ranks, plan.spec, plan.config, calibration, progress=progress
-    )
+        model, plan.todo, plan.ranks, plan.spec, plan.config, calibration,
+        progress=progress, dense_inputs=dense_inputs,
+    )  # fmt: skip
 
 
-def run_sequential(model, todo, ranks, spec, config, calibration, stats=None, progress=True):
-    """Compress ``todo`` decoder block by decoder block (see the module docstring)."""
+def run_sequential(
+    model, todo, ranks, spec, config, calibration, stats=None, progress=True, dense_inputs=None
+):
+    """Compress ``todo`` decoder block by decoder block (see the module docstring).
+
+    ``dense_inputs`` (``StageInputs`` of the statistics pass, with ``refit``): the dense
+    model's stage inputs, taken block by block instead of running the dense blocks."""
     if calibration is None:
         raise RankcutError("the sequential pipeline needs calibration data")
     blocks = check_sequential(model, todo)
@@ -475,19 +491,29 @@ def run_sequential(model, todo, ranks, spec, config, calibration, stats=None, pr
     # The same list: the first block's dense inputs are its compressed ones (compress_block
     # reuses what that makes equal).
     dense = comp if config.refit else None
+    if not config.refit:
+        dense_inputs = None
     last = len(blocks) - 1
     for k, (block_name, block) in enumerate(
         tqdm(blocks, desc=f"{spec.name} (sequential)", disable=not progress)
     ):
+        cached = None
+        if dense_inputs is not None:
+            names = [n for n in todo if n.startswith(block_name + ".")]
+            sizes = [b.hidden.numel() // b.hidden.shape[-1] for b in comp]
+            cached = dense_inputs.take_block(block_name + ".", names, sizes)
         dense_out, comp_out = compress_block(
             model, block_name, block, todo, ranks, spec, config, comp, dense, fisher,
-            tail_wanted=k < last,
+            tail_wanted=k < last, cached=cached,
         )  # fmt: skip
+        del cached
         if k < last:  # nothing reads the last block's outputs: no run to make them
             hidden = comp_out if comp_out is not None else advance(block, comp)
             comp = [b.with_hidden(h) for b, h in zip(comp, hidden, strict=True)]
             if dense_out is not None:
                 dense = [b.with_hidden(h) for b, h in zip(dense, dense_out, strict=True)]
+            elif dense_inputs is not None:
+                dense = None  # (only the first block's dense stream is ``comp``)
         del dense_out, comp_out
 
 
