@@ -22,8 +22,8 @@ from ..errors import RankcutError
 from ..layers import dense_shape
 from ..models.adapter import adapter_for
 from ..models.kind import is_causal_lm
-from .hooks import HookManager
 from .activations import StageInputs
+from .hooks import HookManager
 from .sequential import StopForward
 from .stats import InputStats, LayerStats
 
@@ -159,9 +159,7 @@ def collect_input_stats(
     was_training = model.training
     model.eval()
     try:
-        return input_stats_from_passes(
-            modules, passes, gram, abs_mean, len(passes), progress, keep
-        )
+        return input_stats_from_passes(modules, passes, gram, abs_mean, len(passes), progress, keep)
     finally:
         model.train(was_training)
 
