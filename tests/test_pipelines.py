@@ -539,19 +539,30 @@ def test_dense_inputs_kept_from_statistics_change_nothing(monkeypatch, config):
 
 
 def test_stage_inputs_keep_one_tensor_per_shared_input_and_regroup():
+    """A stage is kept as its shared input, or (narrower outputs, float32) as each
+    module's output less its bias; both regrouped to the compressed stream's batches."""
     from rankcut.calibrate import StageInputs
 
+    torch.manual_seed(0)
+    q, k = torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)
+    down = torch.nn.Linear(6, 3)  # narrower than its input: kept as outputs
     keep = StageInputs(tokens=12)
-    a, b = torch.randn(2, 3, 4), torch.randn(2, 3, 5)
-    for batch in range(2):  # two batches of two windows of three tokens
-        keep.record("blk.q", "blk.q", a + batch)
-        keep.record("blk.k", "blk.q", a + batch)  # the same tensor: nothing more is kept
-        keep.record("blk.o", "blk.o", b + batch)
-    assert keep.nbytes == 4 * 12 * (4 + 5)
-    stages, inputs = keep.take_block("blk.", ["blk.k", "blk.o"], [3, 3, 3, 3])
-    assert stages == [["blk.k"], ["blk.o"]]  # q kept dense: k's stage reads q's input
-    assert [t.shape for t in inputs["blk.k"]] == [(3, 4)] * 4
-    torch.testing.assert_close(torch.cat(inputs["blk.o"]), torch.cat([b, b + 1]).reshape(-1, 5))
+    xs = [torch.randn(2, 3, 4) for _ in range(2)]  # two batches of two windows of 3
+    hs = [torch.randn(2, 3, 6) for _ in range(2)]
+    for x, h in zip(xs, hs, strict=True):
+        keep.record(q, "blk.q", "blk.q", x, q(x))
+        keep.record(k, "blk.k", "blk.q", x, k(x))  # the same tensor: shares q's input
+        keep.record(down, "blk.down", "blk.down", h, down(h))
+        keep.end_batch()
+    assert keep.outputs == {"blk.down"}
+    assert keep.nbytes == 4 * 12 * (4 + 3)
+    stages, got = keep.take_block("blk.", ["blk.k", "blk.down"], [3, 3, 3, 3])
+    assert stages == [["blk.k"], ["blk.down"]]  # q kept dense: k's stage reads q's input
+    assert [t.shape for t in got["blk.k"]] == [(3, 4)] * 4
+    torch.testing.assert_close(torch.cat(got["blk.k"]), torch.cat(xs).reshape(-1, 4))
+    products = torch.cat([b["blk.down"] for b in got["blk.down"]])
+    want = torch.cat(hs).reshape(-1, 6) @ down.weight.detach().T
+    torch.testing.assert_close(products, want)
     assert keep.parts == {}  # released
     with pytest.raises(RankcutError, match="never called"):
         keep.take_block("blk.", ["blk.v"], [12])
@@ -560,10 +571,16 @@ def test_stage_inputs_keep_one_tensor_per_shared_input_and_regroup():
 def test_stage_inputs_dropped_when_they_would_not_fit():
     from rankcut.calibrate import StageInputs
 
+    lin = torch.nn.Linear(4, 4)
+    x = torch.randn(10, 4)
     keep = StageInputs(tokens=1000, budget=1000 * 4 * 4)  # room for one 4-wide input
-    keep.record("q", "q", torch.randn(10, 4))
-    assert keep.active and keep.nbytes == 10 * 4 * 4
-    keep.record("o", "o", torch.randn(10, 4))  # the projection now exceeds the budget
+    keep.record(lin, "q", "q", x, lin(x))
+    keep.end_batch()
+    assert keep.active and keep.nbytes == 10 * 4 * 4 and keep.covers(["q"])
+    keep = StageInputs(tokens=1000, budget=1000 * 4 * 4)
+    keep.record(lin, "q", "q", x, lin(x))
+    keep.record(lin, "o", "o", x + 1, lin(x + 1))
+    keep.end_batch()  # the projection exceeds the budget
     assert not keep.active and keep.parts == {} and not keep.covers(["q"])
-    keep.record("q", "q", torch.randn(10, 4))
+    keep.record(lin, "q", "q", x, lin(x))
     assert keep.parts == {}

@@ -43,13 +43,19 @@ def free_bytes(device: torch.device) -> int:
 class StageInputs:
     """Inputs of the targets during one whole-model pass, per distinct input tensor.
 
-    ``record(name, owner, x)`` is called for every target call (``owner``: the first
-    module that received the same tensor); the inputs of owners are kept, flattened to
-    ``(tokens, in)``, until ``take_block`` hands a block's to the pipeline.
+    ``record(module, name, owner, x, y)`` is called for every target call (``owner``: the
+    first module that received the same tensor ``x``; ``y`` its output). Each stage
+    (the modules sharing one input) is kept in the smaller of two forms, flattened to
+    ``(tokens, width)``: the shared input, or, when the stage's outputs are narrower
+    than its input (``down_proj``), each module's output without its bias, ``x W^T``,
+    which is all the refit reads of the dense input there (its cross products
+    ``X'^T X W^T``; float32 outputs only, so that the values are the ones the refit
+    would compute). The form is decided once the first batch has been seen
+    (``end_batch``), and so is whether the projected total fits in the budget.
 
     Args:
         tokens: tokens the pass will run (windows times length): the projection of the
-            total size that decides, at each owner's first input, whether it fits.
+            total size.
         budget: bytes the inputs may take (default: ``MEMORY_FRACTION`` of the free
             memory on the device of the first input).
     """
@@ -57,10 +63,12 @@ class StageInputs:
     def __init__(self, tokens: int, budget: int | None = None) -> None:
         self.tokens = int(tokens)
         self.budget = budget
-        self.parts: dict[str, list[Tensor]] = {}
-        self.row_bytes: dict[str, int] = {}  # bytes per token of each owner's input
+        self.parts: dict[tuple[str, str], list[Tensor]] = {}  # ("in", owner) / ("out", name)
+        self.row_bytes: dict[tuple[str, str], int] = {}
         self.order: list[str] = []  # every target, in the order of its first call
         self.owner_of: dict[str, str] = {}
+        self.outputs: set[str] = set()  # owners whose stage is kept as outputs
+        self.decided = False
         self.active = True
 
     @property
@@ -71,33 +79,64 @@ class StageInputs:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for parts in self.parts.values() for t in parts)
 
-    def record(self, name: str, owner: str, x: Tensor) -> None:
+    def _keep(self, key: tuple[str, str], t: Tensor) -> None:
+        t = t.reshape(-1, t.shape[-1])
+        self.row_bytes.setdefault(key, t.shape[-1] * t.element_size())
+        self.parts.setdefault(key, []).append(t)
+
+    def record(self, module, name: str, owner: str, x: Tensor, y: Tensor) -> None:
         if name not in self.owner_of:
             self.order.append(name)
             self.owner_of[name] = owner
-        if not self.active or name != owner:
+        if not self.active:
             return
-        if owner not in self.row_bytes:
-            if self.budget is None:
-                self.budget = int(MEMORY_FRACTION * free_bytes(x.device))
-            self.row_bytes[owner] = x.shape[-1] * x.element_size()
-            if self.expected_bytes > self.budget:
-                self.drop(
-                    f"they would take {self.expected_bytes / 2**30:.2f} GiB, more than "
-                    f"{self.budget / 2**30:.2f} GiB ({MEMORY_FRACTION:.0%} of the free memory)"
-                )
-                return
-        self.parts.setdefault(owner, []).append(x.detach().reshape(-1, x.shape[-1]))
+        if self.budget is None:
+            self.budget = int(MEMORY_FRACTION * free_bytes(x.device))
+        first = not self.decided
+        if name == owner and (first or owner not in self.outputs):
+            self._keep(("in", owner), x.detach())
+        narrow = y.dtype in (torch.float32, torch.float64) and y.shape[-1] < x.shape[-1]
+        if (first and narrow) or owner in self.outputs:
+            bias = getattr(module, "bias", None)
+            y = y.detach()
+            self._keep(("out", name), y - bias if bias is not None else y.clone())
+
+    def end_batch(self) -> None:
+        """After the first batch: each stage's form, and whether the total fits."""
+        if self.decided or not self.active or not self.parts:
+            return
+        self.decided = True
+        groups: dict[str, list[str]] = {}
+        for name in self.order:
+            groups.setdefault(self.owner_of[name], []).append(name)
+        for owner, names in groups.items():
+            outs = [("out", n) for n in names]
+            if all(k in self.row_bytes for k in outs):
+                width = sum(self.row_bytes[k] for k in outs)
+                if width < self.row_bytes[("in", owner)]:
+                    self.outputs.add(owner)
+        for key in list(self.parts):
+            kind, name = key
+            if (kind == "in") == (self.owner_of[name] in self.outputs):
+                del self.parts[key], self.row_bytes[key]
+        if self.expected_bytes > self.budget:
+            self.drop(
+                f"they would take {self.expected_bytes / 2**30:.2f} GiB, more than "
+                f"{self.budget / 2**30:.2f} GiB ({MEMORY_FRACTION:.0%} of the free memory)"
+            )
 
     def covers(self, names) -> bool:
         """Whether the pass kept the inputs of every one of ``names``."""
-        return self.active and all(n in self.owner_of for n in names)
+        return self.active and self.decided and all(n in self.owner_of for n in names)
 
     def retain(self, names) -> None:
-        """Release the inputs no one of ``names`` reads (those of matrices kept dense)."""
+        """Release what no one of ``names`` reads (the stages of matrices kept dense)."""
+        names = set(names)
         needed = {self.owner_of[n] for n in names if n in self.owner_of}
-        for owner in [o for o in self.parts if o not in needed]:
-            del self.parts[owner]
+        for key in list(self.parts):
+            kind, name = key
+            if (kind == "in" and name not in needed) or (kind == "out" and name not in names):
+                del self.parts[key]
 
     def drop(self, reason: str) -> None:
         """Keep nothing more (the pipeline reruns the dense blocks instead)."""
@@ -108,10 +147,12 @@ class StageInputs:
 
     def take_block(
         self, prefix: str, names, token_sizes: list[int]
-    ) -> tuple[list[list[str]], dict[str, list[Tensor]]]:
-        """The stages of ``names`` (groups sharing an input, in call order) and each
-        stage's dense inputs split into batches of ``token_sizes`` tokens, keyed by the
-        stage's first name; every input kept under ``prefix`` is released."""
+    ) -> tuple[list[list[str]], dict]:
+        """The stages of ``names`` (groups sharing an input, in call order) and what each
+        stage's refit reads of the dense model, split into batches of ``token_sizes``
+        tokens and keyed by the stage's first name: per batch the input, or ``{name:
+        x W^T}`` for a stage kept as outputs. Everything kept under ``prefix`` is
+        released."""
         if not self.active:
             raise RankcutError("the dense stage inputs were not kept")
         wanted = set(names)
@@ -122,14 +163,24 @@ class StageInputs:
         missing = wanted - {n for g in groups.values() for n in g}
         if missing:
             raise RankcutError(f"modules never called in the statistics pass: {sorted(missing)}")
-        taken = {o: self.parts.pop(o) for o in list(self.parts) if o.startswith(prefix)}
-        inputs = {}
+        taken = {k: self.parts.pop(k) for k in list(self.parts) if k[1].startswith(prefix)}
+        inputs: dict = {}
         for owner, stage in groups.items():
-            parts = taken.pop(owner, None)
-            if parts is None:
-                raise RankcutError(f"no dense inputs kept for {stage[0]}")
-            inputs[stage[0]] = _split(parts, token_sizes, stage[0])
+            if owner not in self.outputs:
+                inputs[stage[0]] = _split(_pop(taken, ("in", owner)), token_sizes, stage[0])
+                continue
+            outs = {n: _split(_pop(taken, ("out", n)), token_sizes, n) for n in stage}
+            inputs[stage[0]] = [
+                dict(zip(outs, batch, strict=True)) for batch in zip(*outs.values(), strict=True)
+            ]
         return list(groups.values()), inputs
+
+
+def _pop(taken: dict, key: tuple[str, str]) -> list[Tensor]:
+    parts = taken.pop(key, None)
+    if parts is None:
+        raise RankcutError(f"nothing of the dense stream kept for {key[1]}")
+    return parts
 
 
 def _split(parts: list[Tensor], sizes: list[int], name: str) -> list[Tensor]:

@@ -73,13 +73,13 @@ class _InputHooks:
                     if self.owner_of[name] != first:
                         raise RankcutError(f"{name} changed the input it shares across batches")
                     if self.keep is not None:
-                        self.keep.record(name, first, x)
+                        self.keep.record(module, name, first, x, output)
                     return
             if self.owner_of.get(name, name) != name:
                 raise RankcutError(f"{name} stopped sharing its input with {self.owner_of[name]}")
             self.seen.append((x, name))
             if self.keep is not None:
-                self.keep.record(name, name, x)
+                self.keep.record(module, name, name, x, output)
             if name not in self.shared:
                 self.shared[name] = InputStats(
                     dense_shape(module)[1], want_gram=self.gram, want_abs=self.abs_mean
@@ -94,9 +94,11 @@ class _InputHooks:
 
     def new_batch(self) -> None:
         self.seen.clear()
+        if self.keep is not None:
+            self.keep.end_batch()
 
     def result(self) -> dict[str, InputStats]:
-        self.seen.clear()
+        self.new_batch()
         result = {}
         for name in self.modules:
             key = self.owner_of.get(name, name)

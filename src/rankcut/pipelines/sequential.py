@@ -126,14 +126,19 @@ class _Cross:
         width = sum(w.shape[0] for w in self.weights.values()) if self.direct else None
         return 8 * self.in_features * (width or self.in_features)
 
-    def add(self, xc: Tensor, xd: Tensor) -> None:
-        """Add one batch: ``xc`` the compressed stream's stage inputs, ``xd`` the dense's."""
+    def add(self, xc: Tensor, xd: Tensor | dict[str, Tensor]) -> None:
+        """Add one batch: ``xc`` the compressed stream's stage inputs, ``xd`` the dense's
+        (or, for a direct stage, the dense products ``{name: X W^T}`` themselves)."""
         xc = xc.reshape(-1, self.in_features).float()
-        xd = xd.reshape(-1, self.in_features).float()
-        if self.direct:
+        if isinstance(xd, dict):
+            if not self.direct:
+                raise RankcutError("dense outputs given for a stage wider than its input")
+            pairs = {n: xd[n].reshape(-1, self.weights[n].shape[0]).float() for n in self.weights}
+        elif self.direct:
+            xd = xd.reshape(-1, self.in_features).float()
             pairs = {n: xd @ w.float().T for n, w in self.weights.items()}
         else:
-            pairs = {"": xd}
+            pairs = {"": xd.reshape(-1, self.in_features).float()}
         for n, b in pairs.items():
             if n not in self.acc:
                 self.acc[n] = xc.new_zeros((self.in_features, b.shape[1]), dtype=torch.float64)
