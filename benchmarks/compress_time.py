@@ -36,6 +36,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from _results import write_keeping_readings  # (benchmarks/ is the script folder)
+
 RESULTS = Path(__file__).parent / "results"
 ROOT = Path(__file__).resolve().parent.parent
 PHASES = ["loading", "statistics", "allocation", "factorization"]
@@ -308,8 +310,8 @@ def main() -> None:
             entries[key] = run_version(version, args, work)
         path.write_text(json.dumps(entries, indent=2) + "\n")
     text = table(entries, args)
-    (RESULTS / f"{args.name}.md").write_text(text)
     print(text)
+    write_keeping_readings(RESULTS / f"{args.name}.md", text)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ import time
 from pathlib import Path
 
 import torch
+from _results import write_keeping_readings  # (benchmarks/ is the script folder)
 
 RESULTS = Path(__file__).parent / "results"
 ROOT = Path(__file__).resolve().parent.parent
@@ -352,7 +353,7 @@ def write_results(args, runs: dict, maestro: dict | None, wall: float, plt) -> N
         ]
     text = "\n".join(lines)
     print(text)
-    (RESULTS / f"{args.name}.md").write_text(text)
+    write_keeping_readings(RESULTS / f"{args.name}.md", text)
     payload = {"args": {k: v for k, v in vars(args).items()}, "runs": runs, "maestro": maestro}
     (RESULTS / f"{args.name}.json").write_text(json.dumps(payload, indent=1) + "\n")
 

@@ -40,6 +40,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from _results import write_keeping_readings  # (benchmarks/ is the script folder)
+
 RESULTS = Path(__file__).parent / "results"
 ROOT = Path(__file__).resolve().parent.parent
 #: The issue's limit on each training run's wall time (2 CPU cores).
@@ -237,7 +239,7 @@ def main() -> None:
         json.dumps({"dense": dense, "rows": rows, "args": vars(args)}, indent=1) + "\n"
     )
     text = render(rows, dense, args)
-    (RESULTS / f"{args.name}.md").write_text(text)
+    write_keeping_readings(RESULTS / f"{args.name}.md", text)
     print(text)
 
 

@@ -190,6 +190,9 @@ def test_config_checks():
         with pytest.raises(ConfigError):
             TrainConfig(data="shakespeare", **bad)
     assert TrainConfig(data="x", model="m").lr == 5e-5
+    assert TrainConfig(data="x").lr == 1e-3
+    assert TrainConfig(data="x", method="sltrain").lr == 3e-3  # the authors' from scratch
+    assert TrainConfig(data="x", method="sltrain", model="m").lr == 5e-5
 
 
 def test_dense_training_lowers_the_loss(text_file):

@@ -7,6 +7,11 @@ from the compressed inputs. Only one block's activations are held at a time (wit
 compressed, instead of a dense copy of the block). ``compress_block`` is shared with the
 streaming pipeline, which loads each block from disk first.
 
+When ``compress`` planned with a whole-model statistics pass (the ``global`` allocation),
+that pass ran the dense model over the same windows and kept what the refit reads of the
+dense stream (``calibrate.StageInputs``, while it fits in memory): the dense blocks are
+then not run again, and only the compressed stream goes block by block.
+
 ``auto`` (the default ``MethodConfig.pipeline``) is ``sequential`` when calibration data
 is given and every target lies in a decoder block, else ``whole`` (``resolve_pipeline``).
 """

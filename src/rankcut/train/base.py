@@ -63,6 +63,9 @@ class TrainMethod:
     summary: str = "plain dense training (the reference)"
     #: Option keys (``--option KEY=VALUE``) this method accepts.
     option_keys: tuple[str, ...] = ()
+    #: Peak learning rate from scratch when ``--lr`` is not given (the authors' where
+    #: they differ from dense training's).
+    scratch_lr: float = 1e-3
 
     def check(self, setup: TrainSetup) -> None:
         """Refuse bad input before any model is built (``ConfigError``, one line)."""

@@ -79,6 +79,15 @@ MIN_LR_FACTOR = 0.1
 _RESUME_FREE = ("resume", "overwrite", "device", "out", "eval_every", "checkpoint_every")
 
 
+def _scratch_lr(method: str) -> float:
+    """The default peak learning rate of ``method`` from scratch (1e-3 for an unknown
+    name, which ``train`` refuses before anything loads)."""
+    from .methods import TRAIN_METHODS
+
+    spec = TRAIN_METHODS.get(method)
+    return float(spec.scratch_lr) if spec is not None else 1e-3
+
+
 @dataclass
 class TrainConfig:
     """Options of a training run (the flags of ``rankcut train``).
@@ -98,7 +107,8 @@ class TrainConfig:
         steps: optimizer steps.
         batch: windows per step.
         seq_len: tokens per window.
-        lr: peak learning rate; default 1e-3 from scratch, 5e-5 from a pretrained model.
+        lr: peak learning rate; default from scratch the method's ``scratch_lr`` (1e-3;
+            ``sltrain`` 3e-3, the authors'), 5e-5 from a pretrained model.
         seed: seeds the initial weights, the method's randomness and the data order.
         out: output folder (``None``: nothing is written, the model is returned).
         options: ``KEY=VALUE`` method options (values as strings).
@@ -185,7 +195,7 @@ class TrainConfig:
                 raise ConfigError(f"--param-ratio must be in (0, 1], got {ratio}")
             self.param_ratio = float(ratio)
         if self.lr is None:
-            self.lr = 1e-3 if self.model is None else 5e-5
+            self.lr = _scratch_lr(self.method) if self.model is None else 5e-5
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"--lr must be a positive number, got {self.lr!r}")
         self.lr = float(self.lr)
