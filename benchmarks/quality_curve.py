@@ -16,11 +16,11 @@ import json
 from pathlib import Path
 
 import torch
+from _perplexity import perplexities  # (benchmarks/ is the script folder)
 
 import rankcut
 from rankcut.data import load_text
 from rankcut.data.generated import windows_from_spec
-from rankcut.evaluate import perplexity
 from rankcut.methods import METHODS
 
 RESULTS = Path(__file__).parent / "results"
@@ -51,12 +51,7 @@ def main() -> None:
     texts = {name: load_text(name) for name in args.data}
 
     def ppl(model) -> dict[str, float]:
-        return {
-            name: perplexity(model, tok, text, args.tokens, args.seq_len, progress=False)[
-                "perplexity"
-            ]
-            for name, text in texts.items()
-        }
+        return perplexities(model, tok, texts, args.tokens, args.seq_len)
 
     base = ppl(dense)
     curves: dict[str, list[dict[str, float]]] = {}
