@@ -481,7 +481,7 @@ def test_fused_statistics_pass_changes_nothing(monkeypatch):
         torch.testing.assert_close(models[True][n], models[False][n], rtol=0, atol=0)
 
 
-def _compress_products(monkeypatch, kept: bool, x, **config):
+def _compress_products(monkeypatch, kept: bool, x, make=None, **config):
     """``compress`` (sequential, refit, global allocation) with the dense stage inputs
     kept from the statistics pass (no dense block run allowed) or not kept at all."""
     import rankcut.api as api
@@ -497,7 +497,7 @@ def _compress_products(monkeypatch, kept: bool, x, **config):
             m.setattr(sequential, "_dense_pass", no_dense_run)
         else:
             m.setattr(activations, "MEMORY_FRACTION", 0.0)
-        model = tiny_llama(num_hidden_layers=3)
+        model = make() if make is not None else tiny_llama(num_hidden_layers=3)
         cfg = SvdLlmConfig(ratio=0.4, pipeline="sequential", **config)
         plan = {}
         real_plan = api.make_plan
@@ -538,6 +538,29 @@ def test_dense_inputs_kept_from_statistics_change_nothing(monkeypatch, config):
         torch.testing.assert_close(with_kept[n], rerun[n], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "bert"])
+def test_dense_inputs_kept_change_nothing_on_other_architectures(monkeypatch, arch):
+    """GPT-2 (``Conv1D`` with biases, so every stage is kept as its input) and BERT (no
+    loss: the statistics pass is forward-only; a norm after each residual) give the
+    same model too."""
+    x = calib(n=8)
+
+    def make():  # biases are zero at init: give them values, the same in both models
+        model = TINY_MODELS[arch]()
+        gen = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(getattr(m, "bias", None), torch.nn.Parameter):
+                    m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=gen))
+        return model
+
+    with_kept = _compress_products(monkeypatch, True, x, make)
+    rerun = _compress_products(monkeypatch, False, x, make)
+    assert with_kept.keys() == rerun.keys() and len(with_kept) > 0
+    for n in with_kept:
+        torch.testing.assert_close(with_kept[n], rerun[n], rtol=1e-5, atol=1e-6)
+
+
 def test_stage_inputs_keep_one_tensor_per_shared_input_and_regroup():
     """A stage is kept as its shared input, or (narrower outputs, float32) as each
     module's output less its bias; both regrouped to the compressed stream's batches."""
@@ -545,7 +568,8 @@ def test_stage_inputs_keep_one_tensor_per_shared_input_and_regroup():
 
     torch.manual_seed(0)
     q, k = torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)
-    down = torch.nn.Linear(6, 3)  # narrower than its input: kept as outputs
+    down = torch.nn.Linear(6, 3, bias=False)  # narrower than its input: kept as outputs
+    with_bias = torch.nn.Linear(6, 3)  # narrower too, but outputs less a bias lose digits
     keep = StageInputs(tokens=12)
     xs = [torch.randn(2, 3, 4) for _ in range(2)]  # two batches of two windows of 3
     hs = [torch.randn(2, 3, 6) for _ in range(2)]
@@ -553,9 +577,10 @@ def test_stage_inputs_keep_one_tensor_per_shared_input_and_regroup():
         keep.record(q, "blk.q", "blk.q", x, q(x))
         keep.record(k, "blk.k", "blk.q", x, k(x))  # the same tensor: shares q's input
         keep.record(down, "blk.down", "blk.down", h, down(h))
+        keep.record(with_bias, "nxt.fc", "nxt.fc", h + 1, with_bias(h + 1))
         keep.end_batch()
     assert keep.outputs == {"blk.down"}
-    assert keep.nbytes == 4 * 12 * (4 + 3)
+    assert keep.nbytes == 4 * 12 * (4 + 3 + 6)
     stages, got = keep.take_block("blk.", ["blk.k", "blk.down"], [3, 3, 3, 3])
     assert stages == [["blk.k"], ["blk.down"]]  # q kept dense: k's stage reads q's input
     assert [t.shape for t in got["blk.k"]] == [(3, 4)] * 4
@@ -563,6 +588,9 @@ def test_stage_inputs_keep_one_tensor_per_shared_input_and_regroup():
     products = torch.cat([b["blk.down"] for b in got["blk.down"]])
     want = torch.cat(hs).reshape(-1, 6) @ down.weight.detach().T
     torch.testing.assert_close(products, want)
+    assert set(keep.parts) == {("in", "nxt.fc")}  # another block's: still kept
+    stages, got = keep.take_block("nxt.", ["nxt.fc"], [12])
+    torch.testing.assert_close(got["nxt.fc"][0], torch.cat(hs).reshape(-1, 6) + 1)
     assert keep.parts == {}  # released
     with pytest.raises(RankcutError, match="never called"):
         keep.take_block("blk.", ["blk.v"], [12])
