@@ -8,7 +8,8 @@ very same windows: ``StageInputs`` keeps what the targets received there, one te
 distinct input (modules sharing an input share it), so no dense block runs again.
 
 This costs memory: every stage input of every block at once (float32 SmolLM2-135M at
-32 x 512 tokens: about 6 GB), freed block by block as the pipeline goes. It is kept
+32 x 512 tokens: 4.5 GB at the end of the pass), freed block by block as the pipeline
+goes. It is kept
 only while the whole would take at most ``MEMORY_FRACTION`` of the memory free on the
 device when the pass starts; otherwise it is dropped (after the first batch, from the
 projected size) and the pipeline reruns the dense blocks as before. The values are the
@@ -112,10 +113,7 @@ class StageInputs:
         if self.decided or not self.active or not self.parts:
             return
         self.decided = True
-        groups: dict[str, list[str]] = {}
-        for name in self.order:
-            groups.setdefault(self.owner_of[name], []).append(name)
-        for owner, names in groups.items():
+        for owner, names in self._stages(self.order).items():
             outs = [("out", n) for n in names]
             if all(k in self.row_bytes for k in outs):
                 width = sum(self.row_bytes[k] for k in outs)
@@ -130,6 +128,15 @@ class StageInputs:
                 f"they would take {self.expected_bytes / 2**30:.2f} GiB, more than "
                 f"{self.budget / 2**30:.2f} GiB ({MEMORY_FRACTION:.0%} of the free memory)"
             )
+
+    def _stages(self, names) -> dict[str, list[str]]:
+        """``names`` grouped by the owner of their shared input, in call order."""
+        wanted = set(names)
+        groups: dict[str, list[str]] = {}
+        for name in self.order:
+            if name in wanted:
+                groups.setdefault(self.owner_of[name], []).append(name)
+        return groups
 
     def covers(self, names) -> bool:
         """Whether the pass kept the inputs of every one of ``names``."""
@@ -161,12 +168,8 @@ class StageInputs:
         released."""
         if not self.active:
             raise RankcutError("the dense stage inputs were not kept")
-        wanted = set(names)
-        groups: dict[str, list[str]] = {}
-        for name in self.order:
-            if name in wanted:
-                groups.setdefault(self.owner_of[name], []).append(name)
-        missing = wanted - {n for g in groups.values() for n in g}
+        groups = self._stages(names)
+        missing = set(names) - {n for g in groups.values() for n in g}
         if missing:
             raise RankcutError(f"modules never called in the statistics pass: {sorted(missing)}")
         taken = {k: self.parts.pop(k) for k in list(self.parts) if k[1].startswith(prefix)}

@@ -139,11 +139,11 @@ class _Cross:
             if not self.direct:
                 raise RankcutError("dense outputs given for a stage wider than its input")
             pairs = {n: xd[n].reshape(-1, self.weights[n].shape[0]).float() for n in self.weights}
-        elif self.direct:
-            xd = xd.reshape(-1, self.in_features).float()
-            pairs = {n: xd @ w.float().T for n, w in self.weights.items()}
         else:
-            pairs = {"": xd.reshape(-1, self.in_features).float()}
+            xd = xd.reshape(-1, self.in_features).float()
+            pairs = (
+                {n: xd @ w.float().T for n, w in self.weights.items()} if self.direct else {"": xd}
+            )
         for n, b in pairs.items():
             if n not in self.acc:
                 self.acc[n] = xc.new_zeros((self.in_features, b.shape[1]), dtype=torch.float64)

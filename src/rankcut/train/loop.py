@@ -80,12 +80,11 @@ _RESUME_FREE = ("resume", "overwrite", "device", "out", "eval_every", "checkpoin
 
 
 def _scratch_lr(method: str) -> float:
-    """The default peak learning rate of ``method`` from scratch (1e-3 for an unknown
-    name, which ``train`` refuses before anything loads)."""
-    from .methods import TRAIN_METHODS
+    """The default peak learning rate of ``method`` from scratch (dense training's for
+    an unknown name, which ``train`` refuses before anything loads)."""
+    from .methods import TRAIN_METHODS, TrainMethod
 
-    spec = TRAIN_METHODS.get(method)
-    return float(spec.scratch_lr) if spec is not None else 1e-3
+    return float(TRAIN_METHODS.get(method, TrainMethod).scratch_lr)
 
 
 @dataclass
