@@ -612,3 +612,98 @@ def test_stage_inputs_dropped_when_they_would_not_fit():
     assert not keep.active and keep.parts == {} and not keep.covers(["q"])
     keep.record(lin, "q", "q", x, lin(x))
     assert keep.parts == {}
+
+
+def _compress_replayed(monkeypatch, replay: bool, make, x, **config):
+    """``compress`` (sequential, refit) with the block children's replay on or off;
+    also the number of attention runs (the class ``forward``: replayed ones skip it)."""
+    import rankcut.pipelines.sequential as sequential
+
+    calls = {"attention": 0}
+    with monkeypatch.context() as m:
+        m.setattr(sequential, "REPLAY", replay)
+        model = make()
+        attention = type(model.get_submodule(_attention_name(model)))
+        real = attention.forward
+
+        def counted(self, *args, **kwargs):
+            calls["attention"] += 1
+            return real(self, *args, **kwargs)
+
+        m.setattr(attention, "forward", counted)
+        rankcut.compress(model, SvdLlmConfig(pipeline="sequential", **config), x, progress=False)
+    return products(model), calls["attention"]
+
+
+def _attention_name(model):
+    return next(
+        n for n, _ in model.named_modules() if re.search(r"\.(self_attn|attn|attention)$", n)
+    )
+
+
+@pytest.mark.parametrize(
+    "arch,config",
+    [
+        ("llama", {"ratio": 0.4}),
+        ("llama", {"ratio": 0.4, "exclude": [r"down_proj"]}),  # last stage gate/up: advanced
+        ("llama", {"ratio": 0.4, "exclude": [r"mlp"]}),  # last stage o_proj: nothing kept
+        ("llama", {"ratio": 0.4, "refit": False}),
+        ("gpt2", {"ratio": 0.4}),
+        ("bert", {"ratio": 0.4}),  # a norm after each residual: no tail, advanced by replay
+    ],
+    ids=["llama", "llama-no-down", "llama-attention-only", "llama-no-refit", "gpt2", "bert"],
+)
+def test_replayed_children_change_nothing(monkeypatch, arch, config):
+    """Replaying the outputs of a block's children that an earlier pass computed on the
+    same inputs gives bit for bit the model that running them again gives, with fewer
+    attention runs wherever an attention finished before the last stage."""
+    x = calib(n=8)
+    make = tiny_llama if arch == "llama" else TINY_MODELS[arch]
+    replayed, fewer = _compress_replayed(monkeypatch, True, make, x, **config)
+    rerun, runs = _compress_replayed(monkeypatch, False, make, x, **config)
+    assert replayed.keys() == rerun.keys() and len(replayed) > 0
+    for n in replayed:
+        torch.testing.assert_close(replayed[n], rerun[n], rtol=0, atol=0)
+    if "exclude" in config and config["exclude"] == [r"mlp"]:
+        assert fewer == runs  # every stage lies in the attention: none finished early
+    else:
+        assert fewer < runs
+
+
+def test_replay_drops_children_after_a_replaced_module():
+    """A replaced module invalidates its child and every child called after it, not
+    those called before; a child called twice per run turns the replay off."""
+    from rankcut.pipelines.sequential import _Replay
+
+    class Block(torch.nn.Module):
+        def __init__(self, twice=False):
+            super().__init__()
+            self.a, self.b, self.c = (torch.nn.Linear(4, 4) for _ in range(3))
+            self.twice = twice
+
+        def forward(self, x):
+            y = self.b(self.a(x))
+            return self.c(self.a(y) if self.twice else y)
+
+    block = Block()
+    replay = _Replay(block, "blk.")
+    xs = [torch.randn(2, 4) for _ in range(2)]
+    outs = []
+    for i, x in enumerate(xs):
+        with replay.batch(i), torch.no_grad():
+            outs.append(block(x))
+    replay.end_pass()
+    assert replay.order == ["a", "b", "c"] and set(replay.kept) == {"a", "b", "c"}
+    replay.changed(["blk.b"])
+    assert set(replay.kept) == {"a"}
+    with torch.no_grad():
+        block.a.weight.zero_()  # a replayed child's own forward is not called
+        with replay.batch(1, record=False):
+            out = block(xs[1])
+    torch.testing.assert_close(out, outs[1], rtol=0, atol=0)  # a's kept output, not zeros
+    assert "forward" not in vars(block.a)  # its own forward is back
+    twice = Block(twice=True)
+    replay = _Replay(twice, "blk.")
+    with replay.batch(0):
+        twice(xs[0])
+    assert not replay.enabled and replay.kept == {}

@@ -18,11 +18,13 @@ is given and every target lies in a decoder block, else ``whole`` (``resolve_pip
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_map
 from tqdm.auto import tqdm
 
 from ..calibrate import HookManager, InputStats, LayerStats, collect_layer_stats
@@ -233,9 +235,129 @@ class _Tail:
         return [base + layer(x) for x, base in kept]
 
 
+#: Whether a block's passes over the compressed stream replay the outputs of its
+#: top-level children that an earlier pass computed on the same inputs (``_Replay``).
+REPLAY = True
+
+
+def _clone(value):
+    return tree_map(lambda t: t.detach().clone() if isinstance(t, Tensor) else t, value)
+
+
+class _Replay:
+    """Outputs of a block's top-level children, kept from one pass over the compressed
+    stream and given back in later passes instead of running those children again.
+
+    A block is run over the same batches once per stage (up to the stage's input) and
+    once more to advance the stream; between runs only the stage just factorized
+    changes. In eager execution a child's output depends only on the block's inputs and
+    on what was called before it, so a child that completed in a pass keeps its output
+    until a module inside it, or inside a child called before it, is replaced
+    (``changed``): then it and every child called after it are dropped. On Llama the
+    attention finished by the ``gate``/``up`` pass is replayed by the ``down`` pass and
+    by the run that advances the stream, which saves one attention per such block.
+
+    Only children holding a matrix are kept (a norm costs less than its copy); outputs
+    are copied in and out (a later in-place op must not reach them). A child called
+    more than once per run turns the replay off for the block.
+    """
+
+    def __init__(self, block: nn.Module, prefix: str) -> None:
+        self.children = dict(block.named_children())
+        self.heavy = {  # holding a matrix (a linear, GPT-2's Conv1D), not only norms
+            n for n, c in self.children.items() if any(p.ndim >= 2 for p in c.parameters())
+        }
+        self.prefix = prefix
+        self.order: list[str] = []  # the children in call order, as first seen
+        self.kept: dict[str, dict[int, object]] = {}
+        self.pending: dict[str, dict[int, object]] = {}
+        self.batches: set[int] = set()
+        self.enabled = REPLAY and bool(self.heavy)
+
+    @contextlib.contextmanager
+    def batch(self, index: int, record: bool = True):
+        """Around one run of the block on batch ``index``: kept children answer from
+        their outputs, the others' outputs are recorded (with ``record``)."""
+        if not self.enabled:
+            yield
+            return
+        called: list[str] = []
+        saved = {}
+
+        def pre_for(name):
+            def pre(module, args):
+                called.append(name)
+                if name not in self.order:
+                    self.order.append(name)
+
+            return pre
+
+        def post_for(name):
+            def post(module, args, output):
+                if record and name in self.heavy and name not in self.kept:
+                    self.pending.setdefault(name, {})[index] = _clone(output)
+
+            return post
+
+        for name, child in self.children.items():
+            if name in self.kept:
+                saved[name] = child.__dict__.get("forward")
+                value = self.kept[name][index]
+                child.forward = lambda *a, _v=value, **k: _clone(_v)
+        try:
+            with HookManager() as hooks:
+                for name, child in self.children.items():
+                    hooks.forward_pre(child, pre_for(name))
+                    hooks.forward(child, post_for(name))
+                yield
+        finally:
+            for name, forward in saved.items():
+                child = self.children[name]
+                del child.forward
+                if forward is not None:  # (another wrapper's, e.g. accelerate's hooks)
+                    child.forward = forward
+        if len(called) != len(set(called)):
+            self.enabled = False  # a child called twice: its outputs are not one per run
+            self.kept.clear()
+            self.pending.clear()
+        self.batches.add(index)
+
+    def end_pass(self) -> None:
+        """A pass over every batch is over: what each child recorded in all of them is kept."""
+        for name, outputs in self.pending.items():
+            if len(outputs) == len(self.batches):
+                self.kept[name] = outputs
+        self.pending = {}
+
+    def changed(self, names) -> None:
+        """``names`` (modules of the block) were replaced: drop the children they lie in
+        and every child called after the first of them."""
+        hit = [
+            i
+            for i, child in enumerate(self.order)
+            if any((n + ".").startswith(f"{self.prefix}{child}.") for n in names)
+        ]
+        # (a module in a child never called yet: every child kept so far runs before it)
+        for child in self.order[min(hit) :] if hit else ():
+            self.kept.pop(child, None)
+
+    def advance(self, block: nn.Module, comp) -> list[Tensor] | None:
+        """The block's outputs on ``comp`` with the kept children replayed (``None``
+        when nothing is kept: the caller's plain run costs the same)."""
+        if not self.enabled or not self.kept:
+            return None
+        outputs = []
+        with torch.no_grad():
+            for i, bc in enumerate(comp):
+                with self.batch(i, record=False):
+                    outputs.append(run_block(block, bc))
+        return outputs
+
+
 def _stage_pass(
-    block, stage, stage_mods, comp, needs_gram, needs_abs, dense_inputs=None, tail=None
-):
+    block, stage, stage_mods, comp, needs_gram, needs_abs, dense_inputs=None, tail=None,
+    replay=None,
+):  # fmt: skip
     """One pass over the compressed stream ``comp``, each run stopped at the stage's
     shared input ``X'``: its statistics, and with ``dense_inputs`` (the dense stream's
     inputs to the stage, batch by batch) the refit's cross products in the same pass.
@@ -250,14 +372,17 @@ def _stage_pass(
     stats = InputStats(in_features, want_gram=needs_gram, want_abs=needs_abs)
     cross = _Cross(stage_mods, in_features) if dense_inputs is not None else None
     pairs = zip(comp, dense_inputs, strict=True) if cross is not None else ((b, None) for b in comp)
+    replay = replay or _Replay(nn.Module(), "")
     for i, (bc, xd) in enumerate(pairs):
-        xc = tail.input(block, bc, first=i == 0) if tail is not None else None
-        if xc is None:
-            xc = module_input(lambda bc=bc: run_block(block, bc), module)
+        with replay.batch(i):
+            xc = tail.input(block, bc, first=i == 0) if tail is not None else None
+            if xc is None:
+                xc = module_input(lambda bc=bc: run_block(block, bc), module)
         stats.update(xc.reshape(-1, in_features))
         if cross is not None:
             cross.add(xc, xd)
         del xc, xd
+    replay.end_pass()
     stats.check_finite(first)
     return {n: stats for n in stage}, cross
 
@@ -301,13 +426,14 @@ def _dense_pass(
     return stages, captured, outputs
 
 
-def _stage_cross(block, module, stage_mods, comp, dense_inputs) -> dict[str, Tensor]:
+def _stage_cross(block, module, stage_mods, comp, dense_inputs, replay) -> dict[str, Tensor]:
     """The refit's cross products for one stage (``_Cross``), in a pass of their own:
     run after the Gram has been factored and dropped."""
     in_features = dense_weight(module).shape[1]
     cross = _Cross(stage_mods, in_features)
-    for bc, xd in zip(comp, dense_inputs, strict=True):
-        cross.add(module_input(lambda bc=bc: run_block(block, bc), module), xd)
+    for i, (bc, xd) in enumerate(zip(comp, dense_inputs, strict=True)):
+        with replay.batch(i, record=False):
+            cross.add(module_input(lambda bc=bc: run_block(block, bc), module), xd)
     return cross.result(module)
 
 
@@ -364,6 +490,7 @@ def compress_block(
     spill=None,
     tail_wanted=True,
     cached=None,
+    replay=True,
 ):
     """Compress the targets of one decoder block, stage by stage, in place.
 
@@ -380,12 +507,17 @@ def compress_block(
     ``(stages, dense stage inputs)`` kept from the statistics pass
     (``StageInputs.take_block``), which replace the dense block's run (``dense`` is then
     read only to tell the first block, whose dense stream is ``comp`` itself).
+    ``replay`` (default) keeps outputs of the block's children in memory for later passes
+    (``_Replay``); the streaming pipeline, whose activations may live on disk, passes
+    ``False``.
 
     Returns ``(dense_out, comp_out)``: the dense block's outputs on ``dense`` (a list of
     hidden states, taken before anything is factorized; ``None`` without ``refit`` or
     with ``cached``) and,
-    where the last stage allowed it (``_Tail``), the compressed block's outputs on
-    ``comp`` (else ``None``: advance the stream with a block run).
+    with ``tail_wanted``, the compressed block's outputs on ``comp`` where they come
+    cheaper than a plain block run: from the last stage's pass (``_Tail``) or from a run
+    replaying the children an earlier pass left unchanged (``_Replay``); else ``None``
+    (advance the stream with a block run).
     """
     needs_gram = "gram" in spec.needs or config.refit
     needs_abs = "abs_mean" in spec.needs
@@ -407,6 +539,7 @@ def compress_block(
         stages = _stages(block, mods, comp[0])
     index = 0
     tail = None
+    replay = _Replay(block if replay else nn.Module(), block_name + ".")
     if stages and len(stages[-1]) == 1 and tail_wanted:
         tail = _Tail(mods[stages[-1][0]])
     for position, stage in enumerate(stages):
@@ -423,8 +556,9 @@ def compress_block(
             del probe
         last = position == len(stages) - 1
         inputs, cross_acc = _stage_pass(
-            block, stage, stage_mods, comp, needs_gram, needs_abs, fused, tail if last else None
-        )
+            block, stage, stage_mods, comp, needs_gram, needs_abs, fused, tail if last else None,
+            replay,
+        )  # fmt: skip
         if dist is not None:
             dist.reduce_stats(inputs[first], None)
         cross = None
@@ -441,7 +575,7 @@ def compress_block(
             damped = (config.refit_damp,) if config.refit else ()
             inputs[first].release_gram(tuple(sorted(eps)), first, keep_damped=damped)
         if config.refit and cross is None:  # too large to sit beside the Gram: its own pass
-            cross = _stage_cross(block, stage_mods[first], stage_mods, comp, xd)
+            cross = _stage_cross(block, stage_mods[first], stage_mods, comp, xd, replay)
             if dist is not None:
                 for t in cross.values():
                     dist.all_reduce(t)
@@ -462,11 +596,14 @@ def compress_block(
             index += 1
             if release is not None:
                 release(mods[n])
+        replay.changed(stage)
         # Nothing of this stage (its Cholesky factors) stays alive into the next one.
         del weights, weight, inputs, layer_stats
     comp_out = None
     if tail is not None and tail.active:
         comp_out = tail.outputs(model.get_submodule(stages[-1][0]))
+    elif tail_wanted:
+        comp_out = replay.advance(block, comp)
     return dense_out, comp_out
 
 

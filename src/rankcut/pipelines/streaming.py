@@ -477,6 +477,7 @@ def run_streaming(model, plan, calibration, *, progress=True, job: StreamJob) ->
             dist=dist,
             release=lambda m: (_release(model, m), return_freed_memory()),
             spill=lambda name, d=spill_dir: SpilledTensors(d / name, limit),
+            replay=False,  # (its outputs would sit in memory beside the spilled stream)
         )
         new_comp = stream("comp", k, comp_out if comp_out is not None else advance(block, comp))
         new_dense = stream("dense", k, dense_out) if dense_out is not None else None
