@@ -262,7 +262,7 @@ class _Replay:
     more than once per run turns the replay off for the block.
     """
 
-    def __init__(self, block: nn.Module, prefix: str) -> None:
+    def __init__(self, block: nn.Module, prefix: str, enabled: bool = True) -> None:
         self.children = dict(block.named_children())
         self.heavy = {  # holding a matrix (a linear, GPT-2's Conv1D), not only norms
             n for n, c in self.children.items() if any(p.ndim >= 2 for p in c.parameters())
@@ -272,7 +272,7 @@ class _Replay:
         self.kept: dict[str, dict[int, object]] = {}
         self.pending: dict[str, dict[int, object]] = {}
         self.batches: set[int] = set()
-        self.enabled = REPLAY and bool(self.heavy)
+        self.enabled = enabled and REPLAY and bool(self.heavy)
 
     @contextlib.contextmanager
     def batch(self, index: int, record: bool = True):
@@ -347,22 +347,22 @@ class _Replay:
         if not self.enabled or not self.kept:
             return None
         outputs = []
-        with torch.no_grad():
-            for i, bc in enumerate(comp):
-                with self.batch(i, record=False):
-                    outputs.append(run_block(block, bc))
+        for i, bc in enumerate(comp):
+            with self.batch(i, record=False):
+                outputs.append(run_block(block, bc))  # (run_block is no_grad)
         return outputs
 
 
 def _stage_pass(
-    block, stage, stage_mods, comp, needs_gram, needs_abs, dense_inputs=None, tail=None,
-    replay=None,
+    block, stage, stage_mods, comp, needs_gram, needs_abs, replay, dense_inputs=None,
+    tail=None,
 ):  # fmt: skip
     """One pass over the compressed stream ``comp``, each run stopped at the stage's
     shared input ``X'``: its statistics, and with ``dense_inputs`` (the dense stream's
     inputs to the stage, batch by batch) the refit's cross products in the same pass.
     With ``tail`` (a ``_Tail`` of the stage's one module) the runs go through the whole
-    block while the shortcut holds, and keep what the block's outputs need.
+    block while the shortcut holds, and keep what the block's outputs need. Each run
+    goes through ``replay`` (a ``_Replay`` of the block), which ends its pass here.
 
     Returns ``({name: InputStats}`` (one object for the stage)``, _Cross or None)``.
     """
@@ -372,7 +372,6 @@ def _stage_pass(
     stats = InputStats(in_features, want_gram=needs_gram, want_abs=needs_abs)
     cross = _Cross(stage_mods, in_features) if dense_inputs is not None else None
     pairs = zip(comp, dense_inputs, strict=True) if cross is not None else ((b, None) for b in comp)
-    replay = replay or _Replay(nn.Module(), "")
     for i, (bc, xd) in enumerate(pairs):
         with replay.batch(i):
             xc = tail.input(block, bc, first=i == 0) if tail is not None else None
@@ -539,7 +538,7 @@ def compress_block(
         stages = _stages(block, mods, comp[0])
     index = 0
     tail = None
-    replay = _Replay(block if replay else nn.Module(), block_name + ".")
+    replay = _Replay(block, block_name + ".", enabled=replay)
     if stages and len(stages[-1]) == 1 and tail_wanted:
         tail = _Tail(mods[stages[-1][0]])
     for position, stage in enumerate(stages):
@@ -556,8 +555,8 @@ def compress_block(
             del probe
         last = position == len(stages) - 1
         inputs, cross_acc = _stage_pass(
-            block, stage, stage_mods, comp, needs_gram, needs_abs, fused, tail if last else None,
-            replay,
+            block, stage, stage_mods, comp, needs_gram, needs_abs, replay, fused,
+            tail if last else None,
         )  # fmt: skip
         if dist is not None:
             dist.reduce_stats(inputs[first], None)
