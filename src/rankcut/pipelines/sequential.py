@@ -24,7 +24,7 @@ import logging
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 from tqdm.auto import tqdm
 
 from ..calibrate import HookManager, InputStats, LayerStats, collect_layer_stats
@@ -160,6 +160,43 @@ class _Cross:
         return acc
 
 
+class BlockFacts:
+    """What runs of earlier blocks showed about code that every block of a class shares,
+    so that later blocks need not test it again: whether a module's output reaches the
+    block's output through an addition only (``_Tail``), and whether a child returns a
+    module's output as its own (``_Replay``).
+
+    One object per compress run (blocks of one model). A fact is keyed by the block's
+    class, the module's path in the block and the class of every container on that
+    path (not of the module itself, which factorization replaces): blocks that share
+    these run the same code around the module, whatever their weights. A contradicting
+    observation turns a fact off for the blocks after it.
+    """
+
+    def __init__(self) -> None:
+        self.facts: dict[tuple, object] = {}
+
+    @staticmethod
+    def key(kind: str, block: nn.Module, path: str) -> tuple:
+        parts = path.split(".")
+        containers = []
+        node = block
+        for part in parts[:-1]:
+            node = getattr(node, part)
+            containers.append(type(node))
+        return (kind, type(block), path, tuple(containers))
+
+    def get(self, kind: str, block: nn.Module, path: str):
+        return self.facts.get(self.key(kind, block, path))
+
+    def observe(self, kind: str, block: nn.Module, path: str, value) -> None:
+        key = self.key(kind, block, path)
+        if key in self.facts and self.facts[key] != value:
+            logger.debug("%s of %s differs between blocks: not reused", kind, path)
+            value = False
+        self.facts[key] = value
+
+
 class _Tail:
     """The compressed block's outputs without a run of their own, for a last stage of one
     module whose output reaches the block's output through an addition only (the last
@@ -173,16 +210,20 @@ class _Tail:
     assumed: on the first batch the module's output is perturbed by a random ``d``, and
     the shortcut is taken only if the block's output moves by ``d`` (to float rounding);
     otherwise (a norm after the residual, BERT's) the pass falls back to stopping at the
-    input and the stream is advanced by a block run as before.
+    input and the stream is advanced by a block run as before. The answer is kept in
+    ``facts`` (``BlockFacts``): later blocks of the same class take it without the test,
+    and stop at the input from the first batch when it was no.
     """
 
     #: Largest ``||dh - d|| / ||d||`` still counted as additive (float32 rounding of the
     #: residual sum is ~1e-7 of ``||h||``; a nonlinearity after the sum moves it by O(1)).
     TOLERANCE = 1e-3
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, block: nn.Module, path: str, facts: BlockFacts) -> None:
         self.module = module
-        self.active = True
+        self.block, self.path, self.facts = block, path, facts
+        self.known = facts.get("additive", block, path)  # None: not tested yet
+        self.active = self.known is not False
         self.kept: list[tuple[Tensor, Tensor]] = []  # (x, base) per batch
 
     def _run(self, block, bc, delta=None) -> tuple[list[Tensor], list[Tensor], Tensor]:
@@ -202,16 +243,20 @@ class _Tail:
             h = run_block(block, bc)
         return xs, ys, h
 
-    def input(self, block, bc, first: bool) -> Tensor | None:
+    def input(self, block, bc, first: bool, aside=contextlib.nullcontext) -> Tensor | None:
         """The module's input on batch ``bc`` (its outputs kept for ``outputs``), or
-        ``None`` once the shortcut is off (the caller stops at the input instead)."""
+        ``None`` once the shortcut is off (the caller stops at the input instead).
+        ``aside()`` is entered around the test's extra run (``_Replay.aside``: not one
+        of the pass's runs)."""
         if not self.active:
             return None
         xs, ys, h = self._run(block, bc)
         if first:
-            self.active = (
-                len(xs) == 1 and ys[0].shape == h.shape and self._additive(block, bc, ys[0], h)
-            )
+            self.active = len(xs) == 1 and ys[0].shape == h.shape
+            if self.active and self.known is None:
+                with aside():
+                    self.active = self._additive(block, bc, ys[0], h)
+                self.facts.observe("additive", self.block, self.path, self.active)
             if not self.active:
                 return xs[0] if len(xs) == 1 else None
         self.kept.append((xs[0], h - ys[0]))
@@ -238,6 +283,9 @@ class _Tail:
 #: Whether a block's passes over the compressed stream replay the outputs of its
 #: top-level children that an earlier pass computed on the same inputs (``_Replay``).
 REPLAY = True
+#: The most bytes of one stage's compressed-stream inputs kept for ``_Replay`` (the
+#: inputs of a module whose output is its child's).
+REPLAY_INPUT_BYTES = 1 << 30
 
 
 def _clone(value):
@@ -257,22 +305,71 @@ class _Replay:
     attention finished by the ``gate``/``up`` pass is replayed by the ``down`` pass and
     by the run that advances the stream, which saves one attention per such block.
 
+    A child that returns the output of one of its modules as its own (Llama's attention
+    returns ``o_proj``'s, with ``None`` beside it) is not dropped when that module alone
+    is replaced: its new outputs are the new module applied to the inputs the module's
+    stage pass kept (``wants_inputs``), which saves the attention run of the pass after
+    ``o_proj``'s. That a child returns the very output tensor of the module is observed
+    in a run (``BlockFacts``, from the first block of a class on), never assumed.
+
     Only children holding a matrix are kept (a norm costs less than its copy); outputs
     are copied in and out (a later in-place op must not reach them). A child called
     more than once per run turns the replay off for the block.
     """
 
-    def __init__(self, block: nn.Module, prefix: str, enabled: bool = True) -> None:
+    def __init__(
+        self,
+        block: nn.Module,
+        prefix: str,
+        enabled: bool = True,
+        modules=(),
+        facts: BlockFacts | None = None,
+    ) -> None:
+        self.block = block
         self.children = dict(block.named_children())
         self.heavy = {  # holding a matrix (a linear, GPT-2's Conv1D), not only norms
             n for n, c in self.children.items() if any(p.ndim >= 2 for p in c.parameters())
         }
         self.prefix = prefix
+        # the targets inside a child (not children themselves), by path in the block
+        self.inner = [
+            n[len(prefix) :] for n in modules if n.startswith(prefix) and "." in n[len(prefix) :]
+        ]
+        self.facts = facts if facts is not None else BlockFacts()
         self.order: list[str] = []  # the children in call order, as first seen
         self.kept: dict[str, dict[int, object]] = {}
         self.pending: dict[str, dict[int, object]] = {}
         self.batches: set[int] = set()
         self.enabled = enabled and REPLAY and bool(self.heavy)
+        self._aside = False
+
+    @contextlib.contextmanager
+    def aside(self):
+        """Runs inside this context are not the pass's: nothing is recorded or counted."""
+        self._aside, was = True, self._aside
+        try:
+            yield
+        finally:
+            self._aside = was
+
+    def _observe(self, name: str, output, outs: dict[str, Tensor]) -> None:
+        """Whether child ``name`` returned, as ``output``, a target's output (``outs``)."""
+        for path in self.inner:
+            if path.split(".", 1)[0] != name or path not in outs:
+                continue
+            y = outs[path]
+            if output is y:
+                fact = (None, ())
+            elif (
+                type(output) is tuple
+                and output
+                and output[0] is y
+                and not any(isinstance(v, Tensor) for v in tree_leaves(output[1:]))
+            ):
+                fact = (tuple, output[1:])
+            else:
+                fact = False
+            self.facts.observe("output", self.block, path, fact)
 
     @contextlib.contextmanager
     def batch(self, index: int, record: bool = True):
@@ -283,9 +380,12 @@ class _Replay:
             return
         called: list[str] = []
         saved = {}
+        outs: dict[str, Tensor] = {}  # the targets' outputs in this run
 
         def pre_for(name):
             def pre(module, args):
+                if self._aside:
+                    return
                 called.append(name)
                 if name not in self.order:
                     self.order.append(name)
@@ -294,8 +394,17 @@ class _Replay:
 
         def post_for(name):
             def post(module, args, output):
+                if self._aside:
+                    return
                 if record and name in self.heavy and name not in self.kept:
                     self.pending.setdefault(name, {})[index] = _clone(output)
+                self._observe(name, output, outs)
+
+            return post
+
+        def out_for(path):
+            def post(module, args, output):
+                outs[path] = output
 
             return post
 
@@ -309,6 +418,8 @@ class _Replay:
                 for name, child in self.children.items():
                     hooks.forward_pre(child, pre_for(name))
                     hooks.forward(child, post_for(name))
+                for path in self.inner:
+                    hooks.forward(self.block.get_submodule(path), out_for(path))
                 yield
         finally:
             for name, forward in saved.items():
@@ -322,23 +433,54 @@ class _Replay:
             self.pending.clear()
         self.batches.add(index)
 
-    def end_pass(self) -> None:
-        """A pass over every batch is over: what each child recorded in all of them is kept."""
+    def end_pass(self, stage=()) -> None:
+        """A pass over every batch is over: what each child recorded in all of them is
+        kept, except in the children holding a module of ``stage`` (the pass's own: a
+        second pass for the stage, ``_stage_cross``, must reach them)."""
         for name, outputs in self.pending.items():
-            if len(outputs) == len(self.batches):
+            if len(outputs) == len(self.batches) and not self._holds(name, stage):
                 self.kept[name] = outputs
         self.pending = {}
 
-    def changed(self, names) -> None:
+    def _holds(self, child: str, names) -> bool:
+        return any((n + ".").startswith(f"{self.prefix}{child}.") for n in names)
+
+    def _returns(self, stage) -> tuple[str, str, tuple] | None:
+        """``(child, path, (container, rest))`` when the stage is one module whose child
+        (a kept or keepable one) returns the module's output as its own, else ``None``."""
+        if not self.enabled or len(stage) != 1 or not stage[0].startswith(self.prefix):
+            return None
+        path = stage[0][len(self.prefix) :]
+        child = path.split(".", 1)[0]
+        if path not in self.inner or child not in self.heavy:
+            return None
+        fact = self.facts.get("output", self.block, path)
+        return (child, path, fact) if fact else None
+
+    def wants_inputs(self, stage) -> bool:
+        """Whether ``changed`` can use the stage's inputs, batch by batch (``_returns``)."""
+        return self._returns(stage) is not None
+
+    @torch.no_grad()
+    def changed(self, names, inputs: list[Tensor] | None = None) -> None:
         """``names`` (modules of the block) were replaced: drop the children they lie in
-        and every child called after the first of them."""
-        hit = [
-            i
-            for i, child in enumerate(self.order)
-            if any((n + ".").startswith(f"{self.prefix}{child}.") for n in names)
-        ]
+        and every child called after the first of them. With ``inputs`` (the replaced
+        module's, batch by batch, when ``wants_inputs``) the child that returns the
+        module's output keeps its outputs, the new module applied to them."""
+        returns = self._returns(names) if inputs is not None else None
+        hit = [i for i, child in enumerate(self.order) if self._holds(child, names)]
         # (a module in a child never called yet: every child kept so far runs before it)
-        for child in self.order[min(hit) :] if hit else ():
+        dropped = self.order[min(hit) :] if hit else []
+        if returns is not None and dropped and dropped[0] == returns[0]:
+            child, path, (container, rest) = returns
+            layer = self.block.get_submodule(path)
+            outputs = {}
+            for i, x in enumerate(inputs):
+                y = layer(x)
+                outputs[i] = y if container is None else container((y, *rest))
+            self.kept[child] = outputs
+            dropped = dropped[1:]
+        for child in dropped:
             self.kept.pop(child, None)
 
     def advance(self, block: nn.Module, comp) -> list[Tensor] | None:
@@ -364,7 +506,10 @@ def _stage_pass(
     block while the shortcut holds, and keep what the block's outputs need. Each run
     goes through ``replay`` (a ``_Replay`` of the block), which ends its pass here.
 
-    Returns ``({name: InputStats}`` (one object for the stage)``, _Cross or None)``.
+    Returns ``({name: InputStats}`` (one object for the stage)``, _Cross or None,
+    inputs)``: ``inputs`` the stage's inputs batch by batch where ``replay`` can use
+    them once the stage is factorized (``_Replay.wants_inputs``, within
+    ``REPLAY_INPUT_BYTES``), else ``None``.
     """
     first = stage[0]
     module = stage_mods[first]
@@ -372,18 +517,25 @@ def _stage_pass(
     stats = InputStats(in_features, want_gram=needs_gram, want_abs=needs_abs)
     cross = _Cross(stage_mods, in_features) if dense_inputs is not None else None
     pairs = zip(comp, dense_inputs, strict=True) if cross is not None else ((b, None) for b in comp)
+    tokens = sum(b.hidden.numel() // b.hidden.shape[-1] for b in comp)
+    keep = replay.wants_inputs(stage) and 4 * tokens * in_features <= REPLAY_INPUT_BYTES
+    kept: list[Tensor] | None = [] if keep else None
     for i, (bc, xd) in enumerate(pairs):
         with replay.batch(i):
-            xc = tail.input(block, bc, first=i == 0) if tail is not None else None
+            xc = None
+            if tail is not None:
+                xc = tail.input(block, bc, first=i == 0, aside=replay.aside)
             if xc is None:
                 xc = module_input(lambda bc=bc: run_block(block, bc), module)
         stats.update(xc.reshape(-1, in_features))
         if cross is not None:
             cross.add(xc, xd)
+        if kept is not None:
+            kept.append(xc)
         del xc, xd
-    replay.end_pass()
+    replay.end_pass(stage)
     stats.check_finite(first)
-    return {n: stats for n in stage}, cross
+    return {n: stats for n in stage}, cross, kept
 
 
 def _dense_pass(
@@ -490,6 +642,7 @@ def compress_block(
     tail_wanted=True,
     cached=None,
     replay=True,
+    facts=None,
 ):
     """Compress the targets of one decoder block, stage by stage, in place.
 
@@ -508,7 +661,8 @@ def compress_block(
     read only to tell the first block, whose dense stream is ``comp`` itself).
     ``replay`` (default) keeps outputs of the block's children in memory for later passes
     (``_Replay``); the streaming pipeline, whose activations may live on disk, passes
-    ``False``.
+    ``False``. ``facts`` (``BlockFacts``, one per run) carries what earlier blocks
+    showed about the block's code.
 
     Returns ``(dense_out, comp_out)``: the dense block's outputs on ``dense`` (a list of
     hidden states, taken before anything is factorized; ``None`` without ``refit`` or
@@ -538,9 +692,11 @@ def compress_block(
         stages = _stages(block, mods, comp[0])
     index = 0
     tail = None
-    replay = _Replay(block, block_name + ".", enabled=replay)
+    facts = facts if facts is not None else BlockFacts()
+    replay = _Replay(block, block_name + ".", enabled=replay, modules=mods, facts=facts)
     if stages and len(stages[-1]) == 1 and tail_wanted:
-        tail = _Tail(mods[stages[-1][0]])
+        name = stages[-1][0]
+        tail = _Tail(mods[name], block, name[len(block_name) + 1 :], facts)
     for position, stage in enumerate(stages):
         stage_mods = {n: mods[n] for n in stage}
         first = stage[0]
@@ -554,7 +710,7 @@ def compress_block(
                 fused = None if gram_is_cross else xd
             del probe
         last = position == len(stages) - 1
-        inputs, cross_acc = _stage_pass(
+        inputs, cross_acc, stage_inputs = _stage_pass(
             block, stage, stage_mods, comp, needs_gram, needs_abs, replay, fused,
             tail if last else None,
         )  # fmt: skip
@@ -595,9 +751,9 @@ def compress_block(
             index += 1
             if release is not None:
                 release(mods[n])
-        replay.changed(stage)
+        replay.changed(stage, stage_inputs)
         # Nothing of this stage (its Cholesky factors) stays alive into the next one.
-        del weights, weight, inputs, layer_stats
+        del weights, weight, inputs, layer_stats, stage_inputs
     comp_out = None
     if tail is not None and tail.active:
         comp_out = tail.outputs(model.get_submodule(stages[-1][0]))
@@ -640,6 +796,7 @@ def run_sequential(
     if not config.refit:
         dense_inputs = None
     last = len(blocks) - 1
+    facts = BlockFacts()
     for k, (block_name, block) in enumerate(
         tqdm(blocks, desc=f"{spec.name} (sequential)", disable=not progress)
     ):
@@ -650,7 +807,7 @@ def run_sequential(
             cached = dense_inputs.take_block(block_name + ".", names, sizes)
         dense_out, comp_out = compress_block(
             model, block_name, block, todo, ranks, spec, config, comp, dense, fisher,
-            tail_wanted=k < last, cached=cached,
+            tail_wanted=k < last, cached=cached, facts=facts,
         )  # fmt: skip
         del cached
         if k < last:  # nothing reads the last block's outputs: no run to make them

@@ -358,7 +358,7 @@ def run_streaming(model, plan, calibration, *, progress=True, job: StreamJob) ->
 
     Returns the ``rankcut.json`` object written (``None`` on ranks other than 0).
     """
-    from .sequential import advance, check_sequential, compress_block
+    from .sequential import BlockFacts, advance, check_sequential, compress_block
 
     config, spec, todo = plan.config, plan.spec, plan.todo
     planned = (todo, plan.ranks, spec, config)  # what compress_block takes of the plan
@@ -457,6 +457,7 @@ def run_streaming(model, plan, calibration, *, progress=True, job: StreamJob) ->
     bar = tqdm(
         total=len(blocks), initial=done + 1, desc=f"{spec.name} (streaming)", disable=not progress
     )
+    facts = BlockFacts()  # (a resumed run tests the first block of a class again)
     for k in range(done + 1, len(blocks)):
         t0 = time.perf_counter()
         block_name, block = blocks[k]
@@ -478,6 +479,7 @@ def run_streaming(model, plan, calibration, *, progress=True, job: StreamJob) ->
             release=lambda m: (_release(model, m), return_freed_memory()),
             spill=lambda name, d=spill_dir: SpilledTensors(d / name, limit),
             replay=False,  # (its outputs would sit in memory beside the spilled stream)
+            facts=facts,
         )
         new_comp = stream("comp", k, comp_out if comp_out is not None else advance(block, comp))
         new_dense = stream("dense", k, dense_out) if dense_out is not None else None
