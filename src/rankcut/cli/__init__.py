@@ -18,6 +18,7 @@ import sys
 
 from ..errors import RankcutError
 from . import bench, compress, eval, export, finetune, inspect, methods, train
+from .allocator import tune_allocator
 from .common import add_global_flags, silence_libraries
 
 #: One module per command, in ``--help`` order; each has ``register(subparsers)``.
@@ -58,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("rankcut").setLevel(level)
     if args.quiet:
         silence_libraries()
+    tune_allocator()
     try:
         return args.func(args)
     except KeyboardInterrupt:
