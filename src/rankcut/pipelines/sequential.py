@@ -310,7 +310,8 @@ class _Replay:
     is replaced: its new outputs are the new module applied to the inputs the module's
     stage pass kept (``wants_inputs``), which saves the attention run of the pass after
     ``o_proj``'s. That a child returns the very output tensor of the module is observed
-    in a run (``BlockFacts``, from the first block of a class on), never assumed.
+    in a run of the first block of a class and then taken for the later blocks of that
+    class (``BlockFacts``); it is never assumed from the module's name.
 
     Only children holding a matrix are kept (a norm costs less than its copy); outputs
     are copied in and out (a later in-place op must not reach them). A child called
