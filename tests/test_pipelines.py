@@ -738,37 +738,40 @@ def test_replay_keeps_a_child_that_returns_its_replaced_module():
     """A child returning its module's output (Llama's attention and ``o_proj``) keeps
     its outputs when that module is replaced: the new module on the inputs its stage
     kept, what running the child gives. Seen in one block, used in the next of the
-    class; a child that transforms the module's output is never taken for one."""
+    class; a child that transforms the module's output, or returns an object beside it
+    (reused for every batch, it must be a plain value), is never taken for one."""
     from rankcut.pipelines.sequential import BlockFacts, _Replay
 
     class Attention(torch.nn.Module):
-        def __init__(self, after=False):
+        def __init__(self, kind):
             super().__init__()
             self.inner, self.out = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
-            self.after = after
+            self.kind = kind
 
         def forward(self, x):
             y = self.out(torch.tanh(self.inner(x)))
-            return (y * 2 if self.after else y), None
+            beside = object() if self.kind == "object beside" else None  # (a cache, say)
+            return (y * 2 if self.kind == "transformed" else y), beside
 
     class Block(torch.nn.Module):
-        def __init__(self, after=False):
+        def __init__(self, kind):
             super().__init__()
-            self.attn, self.mlp = Attention(after), torch.nn.Linear(4, 4)
+            self.attn, self.mlp = Attention(kind), torch.nn.Linear(4, 4)
 
         def forward(self, x):
             return self.mlp(x + self.attn(x)[0])
 
-    for after in (False, True):
+    for kind in ("returned", "transformed", "object beside"):
+        after = kind != "returned"
         facts = BlockFacts()
         xs = [torch.randn(2, 4) for _ in range(2)]
         with torch.no_grad():
-            first = Block(after)
+            first = Block(kind)
             replay = _Replay(first, "blk.", modules=["blk.attn.out"], facts=facts)
             for i, x in enumerate(xs):
                 with replay.batch(i):
                     first(x)  # the attention completes: what it returns is seen
-            block = Block(after)
+            block = Block(kind)
             replay = _Replay(block, "blk.", modules=["blk.attn.out"], facts=facts)
             assert replay.wants_inputs(["blk.attn.out"]) is (not after)
             if after:
