@@ -408,6 +408,41 @@ def test_maestro_loss_is_lm_loss_plus_distillation_of_the_cut_network():
     assert all(model.get_submodule(n).active_rank is None for n in setup.targets)
 
 
+def test_maestro_sampler_all_cuts_every_layer_at_one_fraction():
+    """``sampler=all``: each step cuts every layer to ``ceil(p * full rank)`` for one
+    ``p`` drawn from (seed, step); the loss distills the network cut that way."""
+    import math
+
+    model = tiny_llama()
+    setup = setup_for(model, options={"sampler": "all"})
+    method = train_method("maestro")
+    method.prepare(model, setup)
+    fractions = set()
+    for step in range(20):
+        cuts = method.cuts(model, step)
+        assert set(cuts) == set(setup.targets)
+        layers = {n: model.get_submodule(n) for n in cuts}
+        # one p for all: each rank is ceil(p * full) for a p in the same interval
+        lo = max((cuts[n] - 1) / min(layers[n].in_features, layers[n].out_features) for n in cuts)
+        hi = min(cuts[n] / min(layers[n].in_features, layers[n].out_features) for n in cuts)
+        assert lo < hi + 1e-12
+        fractions.add(round(hi, 3))
+        assert cuts == method.sample_all(model, step)  # deterministic
+    assert len(fractions) > 5
+    ids = batches()[0]
+    with torch.no_grad():
+        loss = method.loss(model, ids, 3)
+        full = model(input_ids=ids, labels=ids)
+        for n, k in method.cuts(model, 3).items():
+            model.get_submodule(n).active_rank = k
+        partial = model(input_ids=ids).logits
+        for n in setup.targets:
+            model.get_submodule(n).active_rank = None
+    torch.testing.assert_close(loss, full.loss + distillation_loss(partial, full.logits))
+    assert all(model.get_submodule(n).active_rank is None for n in setup.targets)
+    assert math.isfinite(float(loss))
+
+
 def test_maestro_svd_init_reproduces_the_model():
     model = tiny_llama()
     ids = batches()[0]

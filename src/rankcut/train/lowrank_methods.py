@@ -428,10 +428,15 @@ class MaestroMethod(LowRankTrainMethod):
     cuts every layer to ``--rank`` / ``--param-ratio`` when given, else keeps the
     ordered layers (cut them later with ``maestro_cut``).
 
+    ``sampler=all`` (not the authors' choice) cuts every layer at once instead, to one
+    fraction ``p`` of its full rank drawn uniformly per step (``ceil(p min(out, in))``,
+    as ``maestro_cut`` rounds; FjORD's ordered dropout over the whole network): the
+    network then trains in the state a uniform cut leaves it in.
+
     Example:
         >>> from rankcut.train.methods import train_method
         >>> train_method("maestro").option_keys
-        ('lasso', 'shrink_threshold', 'shrink_every', 'init')
+        ('lasso', 'shrink_threshold', 'shrink_every', 'init', 'sampler')
     """
 
     summary = "ordered low rank (ordered dropout + group lasso), cut to any rank afterwards"
@@ -446,11 +451,17 @@ class MaestroMethod(LowRankTrainMethod):
         "init": _choice(
             "svd", ("svd", "random"), "svd of the current weight (as the authors) or random"
         ),
+        "sampler": _choice(
+            "layer",
+            ("layer", "all"),
+            "cut one sampled layer per step (as the authors) or all at one sampled fraction",
+        ),
     }
 
     def __init__(self) -> None:
         self._names: list[str] = []
         self._seed = 0
+        self._sampler = "layer"
         self._optimizer: torch.optim.Optimizer | None = None
         self._shrink: ProgressiveShrinking | None = None
         self._cut: dict[str, int] = {}
@@ -464,6 +475,7 @@ class MaestroMethod(LowRankTrainMethod):
         targets = self.dense_targets(model, setup)
         cuts = {name: self.budget_rank(setup, name, m, n) for name, _, m, n in targets}
         self._names, self._seed = [], int(setup.seed)
+        self._sampler = opts["sampler"]
         self._cut = {name: cut for name, cut in cuts.items() if cut is not None}
         for name, module, out_features, in_features in targets:
             weight = dense_weight(module).detach()
@@ -502,18 +514,39 @@ class MaestroMethod(LowRankTrainMethod):
             index -= layer.rank
         raise AssertionError("unreachable")  # pragma: no cover
 
+    def sample_all(self, model: nn.Module, step: int) -> dict[str, int]:
+        """``sampler=all``: every layer's rank prefix at step ``step``, one fraction
+        ``p`` in (0, 1] of each layer's full rank (at most the rank it still holds)."""
+        gen = torch.Generator().manual_seed(self._seed * 1_000_003 + int(step))
+        p = 1.0 - float(torch.rand((), generator=gen))  # (0, 1]
+        ranks = {}
+        for name in self._names:
+            layer = model.get_submodule(name)
+            if layer.rank:
+                full = min(layer.in_features, layer.out_features)
+                ranks[name] = max(1, min(math.ceil(p * full), layer.rank))
+        return ranks
+
+    def cuts(self, model: nn.Module, step: int) -> dict[str, int]:
+        """The rank prefix of each layer that step ``step`` trains cut (by sampler)."""
+        if self._sampler == "all":
+            return self.sample_all(model, step)
+        picked = self.sample(model, step)
+        return dict([picked]) if picked is not None else {}
+
     def loss(self, model: nn.Module, ids: Tensor, step: int) -> Tensor:
         full = model(input_ids=ids, labels=ids)
-        picked = self.sample(model, step)
-        if picked is None:
+        cuts = self.cuts(model, step)
+        if not cuts:
             return full.loss
-        name, rank = picked
-        layer = model.get_submodule(name)
-        layer.active_rank = rank
+        layers = {name: model.get_submodule(name) for name in cuts}
         try:
+            for name, rank in cuts.items():
+                layers[name].active_rank = rank
             partial = model(input_ids=ids).logits
         finally:
-            layer.active_rank = None
+            for layer in layers.values():
+                layer.active_rank = None
         return full.loss + distillation_loss(partial, full.logits)
 
     def hooks(self, model: nn.Module, setup: TrainSetup) -> list[TrainingHook]:
