@@ -518,9 +518,10 @@ def _stage_pass(
     stats = InputStats(in_features, want_gram=needs_gram, want_abs=needs_abs)
     cross = _Cross(stage_mods, in_features) if dense_inputs is not None else None
     pairs = zip(comp, dense_inputs, strict=True) if cross is not None else ((b, None) for b in comp)
-    tokens = sum(b.hidden.numel() // b.hidden.shape[-1] for b in comp)
-    keep = replay.wants_inputs(stage) and 4 * tokens * in_features <= REPLAY_INPUT_BYTES
-    kept: list[Tensor] | None = [] if keep else None
+    kept: list[Tensor] | None = None
+    if replay.wants_inputs(stage):
+        tokens = sum(b.hidden.numel() // b.hidden.shape[-1] for b in comp)
+        kept = [] if 4 * tokens * in_features <= REPLAY_INPUT_BYTES else None
     for i, (bc, xd) in enumerate(pairs):
         with replay.batch(i):
             xc = None

@@ -394,12 +394,21 @@ def maestro_cut(
     ranks = {}
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, MaestroLinear)]
     for name, layer in layers:
-        full = min(layer.in_features, layer.out_features)
-        k = rank if rank is not None else math.ceil(fraction * full)
-        k = max(1, min(int(k), layer.rank))
+        k = _prefix_rank(layer, fraction, rank)
         replace_module(model, name, layer.truncate(k))
         ranks[name] = k
     return ranks
+
+
+def _prefix_rank(layer: MaestroLinear, fraction: float | None, rank: int | None = None) -> int:
+    """``rank``, or ``ceil(fraction min(out, in))`` (the authors' rounding), within
+    ``[1, what the layer holds]``: the prefix ``maestro_cut`` and ``sampler=all`` keep."""
+    k = (
+        rank
+        if rank is not None
+        else math.ceil(fraction * min(layer.in_features, layer.out_features))
+    )
+    return max(1, min(int(k), layer.rank))
 
 
 def distillation_loss(logits: Tensor, teacher_logits: Tensor) -> Tensor:
@@ -506,7 +515,7 @@ class MaestroMethod(LowRankTrainMethod):
         total = sum(layer.rank for _, layer in layers)
         if not total:
             return None
-        gen = torch.Generator().manual_seed(self._seed * 1_000_003 + int(step))
+        gen = self._generator(step)
         index = int(torch.randint(total, (1,), generator=gen))
         for name, layer in layers:
             if index < layer.rank:
@@ -517,15 +526,13 @@ class MaestroMethod(LowRankTrainMethod):
     def sample_all(self, model: nn.Module, step: int) -> dict[str, int]:
         """``sampler=all``: every layer's rank prefix at step ``step``, one fraction
         ``p`` in (0, 1] of each layer's full rank (at most the rank it still holds)."""
-        gen = torch.Generator().manual_seed(self._seed * 1_000_003 + int(step))
-        p = 1.0 - float(torch.rand((), generator=gen))  # (0, 1]
-        ranks = {}
-        for name in self._names:
-            layer = model.get_submodule(name)
-            if layer.rank:
-                full = min(layer.in_features, layer.out_features)
-                ranks[name] = max(1, min(math.ceil(p * full), layer.rank))
-        return ranks
+        p = 1.0 - float(torch.rand((), generator=self._generator(step)))  # (0, 1]
+        layers = {name: model.get_submodule(name) for name in self._names}
+        return {name: _prefix_rank(layer, p) for name, layer in layers.items() if layer.rank}
+
+    def _generator(self, step: int) -> torch.Generator:
+        """The draws of step ``step``: from ``(seed, step)``, so a resumed run repeats them."""
+        return torch.Generator().manual_seed(self._seed * 1_000_003 + int(step))
 
     def cuts(self, model: nn.Module, step: int) -> dict[str, int]:
         """The rank prefix of each layer that step ``step`` trains cut (by sampler)."""
