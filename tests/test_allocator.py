@@ -28,3 +28,40 @@ def test_cli_applies_the_tuning(monkeypatch):
     monkeypatch.setattr(cli, "tune_allocator", lambda: calls.append(1) or True)
     assert cli.main(["-q", "methods"]) == 0
     assert calls == [1]
+
+
+def _fresh_process(code: str, **env) -> str:
+    import os
+    import subprocess
+
+    environ = {k: v for k, v in os.environ.items() if k not in ("THP_MEM_ALLOC_ENABLE", ENV)}
+    result = subprocess.run(
+        [sys.executable, "-c", code], env={**environ, **env}, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def _thp_mode() -> str:
+    try:
+        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return "none"
+    return text.split("[", 1)[1].split("]", 1)[0] if "[" in text else "none"
+
+
+@pytest.mark.skipif(_thp_mode() not in ("madvise", "always"), reason="no transparent huge pages")
+def test_tuning_backs_large_tensors_with_huge_pages_in_a_fresh_process():
+    """PyTorch reads its switch once: the tuning sets it early enough in a new process
+    (as the command line runs it), and not at all when turned off."""
+    code = (
+        "import os, torch; from rankcut.cli.allocator import tune_allocator; t = tune_allocator(); "
+        "x = torch.ones(1 << 25); "  # 128 MB, touched
+        "huge = [l for l in open('/proc/self/smaps_rollup') if l.startswith('AnonHugePages')]; "
+        "print(t, int(huge[0].split()[1]) > 0, os.environ.get('THP_MEM_ALLOC_ENABLE'))"
+    )
+    assert _fresh_process(code) == "True True 1"
+    off = _fresh_process(code, **{ENV: "0"})
+    assert off.startswith("False") and off.endswith("None")
+    if _thp_mode() == "madvise":  # nothing asked for them
+        assert off == "False False None"

@@ -10,8 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rankcut.calibrate import collect_fisher, collect_input_stats, collect_layer_stats
+from rankcut.calibrate import collect, collect_fisher, collect_input_stats, collect_layer_stats
 from rankcut.calibrate.collect import _sample_weights, fisher_batch_size
+from rankcut.calibrate.lm_loss import IGNORE_INDEX, next_token_loss_grad
 from rankcut.models import find_targets
 
 from .conftest import tiny_gpt2, tiny_llama
@@ -167,6 +168,63 @@ def test_weight_fisher_with_gram_in_one_pass_equals_references():
     for name in modules:
         assert_close(stats[name].inputs.gram, grams[name])
         assert_close(stats[name].fisher_in, f_in[name])
+        assert_close(stats[name].fisher_out, f_out[name])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_next_token_loss_grad_equals_autograd_of_the_model_loss(dtype, in_place, monkeypatch):
+    """The closed-form gradient equals autograd of transformers' ``ForCausalLMLoss``,
+    ignored labels, several row chunks, a scale and a bfloat16 model's logits included."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    monkeypatch.setattr("rankcut.calibrate.lm_loss.CHUNK_ELEMENTS", 3 * 11)  # 3 rows a chunk
+    gen = torch.Generator().manual_seed(0)
+    logits = (4 * torch.randn(3, 7, 11, generator=gen)).to(dtype).requires_grad_(True)
+    labels = torch.randint(0, 11, (3, 7), generator=gen)
+    labels[0, 3] = labels[2, 1] = IGNORE_INDEX
+    (expected,) = torch.autograd.grad(2.5 * ForCausalLMLoss(logits, labels, 11), logits)
+    values = logits.detach().clone()
+    grad = next_token_loss_grad(values, labels, 2.5, out=values if in_place else None)
+    assert grad.dtype == dtype and (grad is values) == in_place
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(grad.float(), expected.float(), rtol=tol, atol=tol)
+    assert not grad[:, -1].any() and not grad[0, 2].any()  # no label: no gradient
+
+
+def test_next_token_loss_grad_rejects_windows_without_labels():
+    with pytest.raises(ValueError, match="no position"):
+        next_token_loss_grad(torch.zeros(2, 1, 5), torch.zeros(2, 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="do not match"):
+        next_token_loss_grad(torch.zeros(2, 3, 5), torch.zeros(2, 4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("saved", [False, True], ids=["head-output", "saved-by-the-graph"])
+def test_fisher_pass_writes_the_loss_gradient_over_logits_only_when_nothing_reads_them(saved):
+    """Logits that the backward reads (here: the output of ``exp``, which ``exp``'s
+    backward reuses) get a buffer of their own; either way the Fisher equals the
+    reference's through the model's own loss."""
+    model = tiny_llama()
+    modules = find_targets(model)
+    windows = _windows(count=4)
+    head = model.get_output_embeddings()
+    handle = head.register_forward_hook(lambda m, a, out: out.exp() if saved else None)
+    calls = []
+    original = collect.next_token_loss_grad
+
+    def spy(values, labels, scale, out=None):
+        calls.append(out is values)
+        return original(values, labels, scale, out=out)
+
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(collect, "next_token_loss_grad", spy)
+            stats = collect_layer_stats(model, modules, windows, frozenset({"fisher_out"}), False)
+        _, f_out = reference_fisher(model, modules, windows)
+    finally:
+        handle.remove()
+    assert calls and all(c == (not saved) for c in calls)
+    for name in modules:
         assert_close(stats[name].fisher_out, f_out[name])
 
 

@@ -24,13 +24,12 @@ from ..models.adapter import adapter_for
 from ..models.kind import is_causal_lm
 from .activations import StageInputs
 from .hooks import HookManager
+from .lm_loss import IGNORE_INDEX, next_token_loss_grad
 from .sequential import StopForward
 from .stats import InputStats, LayerStats
 
 logger = logging.getLogger(__name__)
 
-#: Label value a Hugging Face causal-LM loss leaves out of its mean (``ForCausalLMLoss``).
-IGNORE_INDEX = -100
 #: Tokens per batch of the whole-model passes (bounded activation memory), and the most
 #: windows in one batch.
 FISHER_BATCH_TOKENS = 2048
@@ -207,6 +206,57 @@ def _sample_weights(labels: Tensor) -> Tensor | None:
     return ratio.pow(2)
 
 
+def _saving(run: Callable[[], object]) -> tuple[object, set[int]]:
+    """``run()`` and the storages of every tensor autograd saved for the backward."""
+    saved: set[int] = set()
+
+    def pack(tensor: Tensor) -> Tensor:
+        saved.add(tensor.untyped_storage().data_ptr())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        return run(), saved
+
+
+def _backward(model, ids: Tensor, anchor: Tensor, weights: bool, fused: bool, inputs) -> None:
+    """Forward ``ids`` with the graph and back-propagate the LM loss: into the weights
+    that require grad (``weights``, one window), else to ``anchor`` at ``len(ids)`` times
+    the loss (each window's gradient at the scale of its own loss; no parameter needs one).
+
+    ``fused`` (the loss is transformers' mean next-token cross-entropy): the model runs
+    without labels and its logits get the loss's closed-form gradient
+    (``next_token_loss_grad``), written over the logits themselves unless the graph saved
+    them, instead of the loss's log-softmax and its backward (three more logit-sized
+    tensors). Otherwise the model's own loss is back-propagated.
+    """
+    scale = 1 if weights else len(ids)
+    if fused:
+        out, saved = _saving(lambda: _forward(model, ids, use_cache=False))
+    else:
+        out = _forward(model, ids, labels=ids, use_cache=False)
+    if inputs is not None:
+        inputs.new_batch()  # sharing is decided in the forward; free the inputs
+    if fused:
+        logits = getattr(out, "logits", None)
+        if not isinstance(logits, Tensor) or not logits.requires_grad:
+            raise RankcutError("Fisher statistics need a model whose logits depend on its inputs")
+        values = logits.detach()
+        in_place = values.is_contiguous() and values.untyped_storage().data_ptr() not in saved
+        grad = next_token_loss_grad(values, ids, scale, out=values if in_place else None)
+        del out, values
+        root, grad_output = logits, grad
+    else:
+        loss = getattr(out, "loss", None)
+        if loss is None:
+            raise RankcutError("Fisher statistics need a model with a language-modeling loss")
+        del out
+        root, grad_output = loss * scale, None
+    if weights:
+        torch.autograd.backward(root, grad_tensors=grad_output)
+    else:
+        torch.autograd.grad(root, anchor, grad_outputs=grad_output)
+
+
 def _gradient_pass(
     model: nn.Module,
     modules: dict[str, nn.Module],
@@ -258,6 +308,7 @@ def _gradient_pass(
             for n, m in modules.items()
         }
 
+    fused = _loss_is_token_mean(model)  # the loss's gradient is known in closed form
     f_in = zeros(1) if weights else None
     f_out = zeros(0) if outputs else None
     inputs = _InputHooks(modules, gram, abs_mean, keep) if gram or abs_mean else None
@@ -332,20 +383,7 @@ def _gradient_pass(
                 batch["weights"] = _sample_weights(ids) if len(ids) > 1 else None
                 if inputs is not None:
                     inputs.new_batch()
-                out = _forward(model, ids, labels=ids, use_cache=False)
-                if inputs is not None:
-                    inputs.new_batch()  # sharing is decided in the forward; free the inputs
-                loss = getattr(out, "loss", None)
-                if loss is None:
-                    raise RankcutError(
-                        "Fisher statistics need a model with a language-modeling loss"
-                    )
-                if weights:
-                    loss.backward()
-                else:
-                    # times B: each window's gradient at the scale of its own loss
-                    torch.autograd.grad(loss * len(ids), anchor)
-                del out, loss
+                _backward(model, ids, anchor, weights, fused, inputs)
                 for name, module in modules.items():
                     if weights:
                         grad = module.weight.grad
