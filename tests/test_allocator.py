@@ -25,9 +25,11 @@ def test_cli_applies_the_tuning(monkeypatch):
     import rankcut.cli as cli
 
     calls = []
-    monkeypatch.setattr(cli, "tune_allocator", lambda: calls.append(1) or True)
+    monkeypatch.setattr(cli, "tune_allocator", lambda huge_pages: calls.append(huge_pages))
     assert cli.main(["-q", "methods"]) == 0
-    assert calls == [1]
+    assert calls == [False]  # huge pages only for the commands that grow to gigabytes
+    parser = cli.build_parser()
+    assert parser.parse_args(["compress", "--model", "m", "--ratio", "0.2"]).huge_pages
 
 
 def _fresh_process(code: str, **env) -> str:
@@ -55,7 +57,7 @@ def test_tuning_backs_large_tensors_with_huge_pages_in_a_fresh_process():
     """PyTorch reads its switch once: the tuning sets it early enough in a new process
     (as the command line runs it), and not at all when turned off."""
     code = (
-        "import os, torch; from rankcut.cli.allocator import tune_allocator; t = tune_allocator(); "
+        "import os, torch; from rankcut.cli.allocator import tune_allocator; t = tune_allocator(huge_pages=True); "
         "x = torch.ones(1 << 25); "  # 128 MB, touched
         "huge = [l for l in open('/proc/self/smaps_rollup') if l.startswith('AnonHugePages')]; "
         "print(t, int(huge[0].split()[1]) > 0, os.environ.get('THP_MEM_ALLOC_ENABLE'))"

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("rankcut").setLevel(level)
     if args.quiet:
         silence_libraries()
-    tune_allocator()
+    tune_allocator(huge_pages=getattr(args, "huge_pages", False))
     try:
         return args.func(args)
     except KeyboardInterrupt:

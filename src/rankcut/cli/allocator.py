@@ -12,13 +12,16 @@ back before the process ends. The PyTorch CPU tuning guide's advice is a differe
 allocator (jemalloc, tcmalloc); these ``mallopt`` settings get the same effect from the
 allocator every Linux machine has.
 
-It also asks PyTorch to back its large CPU tensors with transparent huge pages
-(``THP_MEM_ALLOC_ENABLE=1``: blocks of 2 MB and more are 2 MB-aligned and
-``madvise``-d ``MADV_HUGEPAGE``). First touches of memory are what the rest costs: on
-the 2-core VM of the benchmarks a 4 KB page fault costs ~16 us, and the default
-``compress`` of SmolLM2-135M faulted 2.5 M of them (its whole peak, 9.8 GB; 44 s of
-system time); with huge pages it took 0.6 M. A kernel whose THP setting is ``never``
-ignores the advice; with ``always`` it changes nothing.
+A command whose memory grows to gigabytes (``compress``, its statistics pass) also asks
+PyTorch to back its large CPU tensors with transparent huge pages
+(``THP_MEM_ALLOC_ENABLE=1``: blocks of 2 MB and more are ``madvise``-d
+``MADV_HUGEPAGE``). First touches of memory are what that costs: on the 2-core VM of the
+benchmarks, the default ``compress`` of SmolLM2-135M faulted 2.2-2.4 M pages (its whole
+peak, ~9.5 GB; 35-41 s of system time) and took 128-129 s; with huge pages 0.6 M
+faults, 17-18 s of system time, 110-113 s (two runs each, alternated). ``rankcut eval``,
+whose memory stays near the model's, ran ~1.7 s slower with them (36.7 s against 38.4 s,
+three runs each), so other commands do without. A kernel whose THP setting is
+``never`` ignores the advice.
 
 The command line applies them (``tune_allocator``) before a command runs; a library
 user's process is left as it is. ``RANKCUT_MALLOC_TUNING=0`` turns them off.
@@ -56,12 +59,14 @@ ENV = "RANKCUT_MALLOC_TUNING"
 THP_ENV = "THP_MEM_ALLOC_ENABLE"
 
 
-def tune_allocator() -> bool:
-    """Apply the settings to this process's glibc ``malloc``; whether they were applied
-    (not on other C libraries or systems, nor with ``RANKCUT_MALLOC_TUNING=0``)."""
+def tune_allocator(huge_pages: bool = False) -> bool:
+    """Apply the settings to this process's glibc ``malloc`` (and with ``huge_pages``,
+    PyTorch's huge-page switch, unless the environment sets it); whether they were
+    applied (not on other C libraries or systems, nor with ``RANKCUT_MALLOC_TUNING=0``)."""
     if os.environ.get(ENV, "1") == "0" or not sys.platform.startswith("linux"):
         return False
-    os.environ.setdefault(THP_ENV, "1")  # before PyTorch reads it (its first large block)
+    if huge_pages:
+        os.environ.setdefault(THP_ENV, "1")  # before PyTorch reads it (its first large block)
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         mallopt = libc.mallopt

@@ -27,7 +27,8 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="streaming: run on N processes through torchrun (gloo on CPU, NCCL on GPUs)",
     )
     add_option_flags(parser, CompressRecipe)
-    parser.set_defaults(func=cmd_compress)
+    # huge pages: its statistics pass grows to gigabytes (``cli.allocator``)
+    parser.set_defaults(func=cmd_compress, huge_pages=True)
     return parser
 
 
