@@ -456,7 +456,7 @@ def test_tail_shortcut_only_where_the_output_adds(post_norm):
     batches = [BlockInputs(torch.randn(2, 5, 8), (), {}) for _ in range(2)]
     facts = BlockFacts()
     tail = _Tail(block.down, block, "down", facts)
-    xs = [tail.input(block, b, first=i == 0) for i, b in enumerate(batches)]
+    xs = [tail.input(b, first=i == 0) for i, b in enumerate(batches)]
     assert tail.active is (not post_norm)
     assert xs[0] is not None and xs[0].shape == (2, 5, 16)
     other = _Residual(post_norm)
@@ -465,7 +465,7 @@ def test_tail_shortcut_only_where_the_output_adds(post_norm):
     again = _Tail(other.down, other, "down", facts)
     assert again.known is (not post_norm) and again.active is (not post_norm)
     if again.active:
-        again.input(other, batches[0], first=True)
+        again.input(batches[0], first=True)
         assert len(runs) == 1 and again.active  # no second, perturbed run
     if not post_norm:
         replaced = torch.nn.Linear(16, 8)

@@ -226,7 +226,7 @@ class _Tail:
         self.active = self.known is not False
         self.kept: list[tuple[Tensor, Tensor]] = []  # (x, base) per batch
 
-    def _run(self, block, bc, delta=None) -> tuple[list[Tensor], list[Tensor], Tensor]:
+    def _run(self, bc, delta=None) -> tuple[list[Tensor], list[Tensor], Tensor]:
         xs: list[Tensor] = []
         ys: list[Tensor] = []
 
@@ -240,33 +240,33 @@ class _Tail:
         with HookManager() as hooks:
             hooks.forward_pre(self.module, pre)
             hooks.forward(self.module, post)
-            h = run_block(block, bc)
+            h = run_block(self.block, bc)
         return xs, ys, h
 
-    def input(self, block, bc, first: bool, aside=contextlib.nullcontext) -> Tensor | None:
+    def input(self, bc, first: bool, aside=contextlib.nullcontext) -> Tensor | None:
         """The module's input on batch ``bc`` (its outputs kept for ``outputs``), or
         ``None`` once the shortcut is off (the caller stops at the input instead).
         ``aside()`` is entered around the test's extra run (``_Replay.aside``: not one
         of the pass's runs)."""
         if not self.active:
             return None
-        xs, ys, h = self._run(block, bc)
+        xs, ys, h = self._run(bc)
         if first:
             self.active = len(xs) == 1 and ys[0].shape == h.shape
             if self.active and self.known is None:
                 with aside():
-                    self.active = self._additive(block, bc, ys[0], h)
+                    self.active = self._additive(bc, ys[0], h)
                 self.facts.observe("additive", self.block, self.path, self.active)
             if not self.active:
                 return xs[0] if len(xs) == 1 else None
         self.kept.append((xs[0], h - ys[0]))
         return xs[0]
 
-    def _additive(self, block, bc, y: Tensor, h: Tensor) -> bool:
+    def _additive(self, bc, y: Tensor, h: Tensor) -> bool:
         gen = torch.Generator(device=y.device).manual_seed(0)
         delta = torch.randn(y.shape, generator=gen, device=y.device, dtype=y.dtype)
         delta *= y.float().std().clamp_min(1e-6).to(y.dtype)
-        _, _, moved = self._run(block, bc, delta)
+        _, _, moved = self._run(bc, delta)
         err = float(((moved - h).float() - delta.float()).norm() / delta.float().norm())
         logger.debug(
             "output additivity of %s: relative error %.2e", type(self.module).__name__, err
@@ -526,7 +526,7 @@ def _stage_pass(
         with replay.batch(i):
             xc = None
             if tail is not None:
-                xc = tail.input(block, bc, first=i == 0, aside=replay.aside)
+                xc = tail.input(bc, first=i == 0, aside=replay.aside)
             if xc is None:
                 xc = module_input(lambda bc=bc: run_block(block, bc), module)
         stats.update(xc.reshape(-1, in_features))
