@@ -1,5 +1,7 @@
 """The command line's malloc settings (``rankcut.cli.allocator``)."""
 
+import os
+import subprocess
 import sys
 
 import pytest
@@ -33,9 +35,6 @@ def test_cli_applies_the_tuning(monkeypatch):
 
 
 def _fresh_process(code: str, **env) -> str:
-    import os
-    import subprocess
-
     environ = {k: v for k, v in os.environ.items() if k not in ("THP_MEM_ALLOC_ENABLE", ENV)}
     result = subprocess.run(
         [sys.executable, "-c", code], env={**environ, **env}, capture_output=True, text=True

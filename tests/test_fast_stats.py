@@ -197,6 +197,22 @@ def test_next_token_loss_grad_rejects_windows_without_labels():
         next_token_loss_grad(torch.zeros(2, 1, 5), torch.zeros(2, 1, dtype=torch.long))
     with pytest.raises(ValueError, match="do not match"):
         next_token_loss_grad(torch.zeros(2, 3, 5), torch.zeros(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="contiguous"):
+        logits = torch.zeros(2, 5, 3).transpose(1, 2)
+        next_token_loss_grad(logits, torch.zeros(2, 3, dtype=torch.long), out=logits)
+
+
+def test_next_token_loss_grad_of_non_contiguous_logits_gets_its_own_buffer():
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 9, 4, generator=gen).transpose(1, 2).requires_grad_(True)  # (2, 4, 9)
+    labels = torch.randint(0, 9, (2, 4), generator=gen)
+    loss = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, 9), labels[:, 1:].reshape(-1)
+    )
+    (expected,) = torch.autograd.grad(loss, logits)
+    grad = next_token_loss_grad(logits.detach(), labels)
+    assert grad.is_contiguous()
+    torch.testing.assert_close(grad, expected, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("saved", [False, True], ids=["head-output", "saved-by-the-graph"])

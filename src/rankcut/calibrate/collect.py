@@ -24,7 +24,7 @@ from ..models.adapter import adapter_for
 from ..models.kind import is_causal_lm
 from .activations import StageInputs
 from .hooks import HookManager
-from .lm_loss import IGNORE_INDEX, next_token_loss_grad
+from .lm_loss import IGNORE_INDEX, next_token_loss_grad, shifted_targets
 from .sequential import StopForward
 from .stats import InputStats, LayerStats
 
@@ -197,7 +197,7 @@ def _sample_weights(labels: Tensor) -> Tensor | None:
     ``dL_b/dy_b = N / (B n_b) * d(B L_batch)/dy_b``. Windows of equal length with no
     ignored label (what calibration holds) have equal ``n_b``: the factor is exactly 1.
     """
-    valid = (labels[:, 1:] != IGNORE_INDEX).sum(1)
+    valid = (shifted_targets(labels) != IGNORE_INDEX).sum(1)
     if bool((valid == valid[0]).all()):
         return None
     if not bool((valid > 0).all()):

@@ -42,8 +42,9 @@ def next_token_loss_grad(
         labels: ``(..., T)`` token ids; ``IGNORE_INDEX`` marks positions left out.
         scale: factor applied to the gradient (e.g. the batch size, to put each
             window's gradient at the scale of its own loss).
-        out: where to write it, shaped and typed like ``logits``; may be ``logits``
-            itself (overwritten row chunk by row chunk). A new tensor by default.
+        out: where to write it, contiguous, shaped and typed like ``logits``; may be
+            ``logits`` itself (overwritten row chunk by row chunk). A new contiguous
+            tensor by default (``logits`` need not be contiguous).
 
     Returns:
         ``out``, holding the gradient.
@@ -59,12 +60,15 @@ def next_token_loss_grad(
     """
     if logits.shape[:-1] != labels.shape:
         raise ValueError(f"logits {tuple(logits.shape)} do not match labels {tuple(labels.shape)}")
-    out = torch.empty_like(logits) if out is None else out
-    if out.shape != logits.shape:
-        raise ValueError(f"out {tuple(out.shape)} does not match logits {tuple(logits.shape)}")
+    if out is None:
+        out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    if out.shape != logits.shape or not out.is_contiguous():
+        raise ValueError(
+            f"out {tuple(out.shape)} must be contiguous and match logits {tuple(logits.shape)}"
+        )
     vocab = logits.shape[-1]
     z = logits.reshape(-1, vocab)
-    g = out.view(-1, vocab)  # a view: out must be contiguous
+    g = out.view(-1, vocab)
     targets = shifted_targets(labels).reshape(-1).to(logits.device)
     valid = targets != IGNORE_INDEX
     count = int(valid.sum())
