@@ -8,7 +8,7 @@ import torch
 
 from rankcut.calibrate import HookManager, collect_fisher, collect_input_stats
 from rankcut.calibrate.sensitivity import mean_loss
-from rankcut.calibrate.sequential import SpilledTensors, capture_block_inputs, run_block
+from rankcut.calibrate.sequential import SpilledTensors, capture_block_calls, run_block
 from rankcut.decompose import psd_cholesky
 from rankcut.errors import RankcutError
 from rankcut.models import find_decoder_layers, find_targets, register_adapter, unregister_adapter
@@ -63,7 +63,13 @@ def test_captured_block_inputs_replay_the_model(token_lm_adapter):
     model = token_lm()
     windows = torch.randint(0, 64, (4, 10), generator=torch.Generator().manual_seed(1))
     blocks = find_decoder_layers(model)
-    captured = capture_block_inputs(model, blocks[0][1], windows, batch_size=3)
+    ran = {name: 0 for name, _ in blocks}
+    for name, block in blocks:
+        block.mix.register_forward_hook(lambda *a, name=name: ran.__setitem__(name, ran[name] + 1))
+    captured, calls = capture_block_calls(model, [b for _, b in blocks], windows, batch_size=3)
+    # the blocks are bypassed: only the first runs, once, to learn what a block returns
+    assert list(ran.values()) == [1] + [0] * (len(blocks) - 1)
+    assert calls.uniform  # (this model calls every block alike)
     assert [len(c.hidden) for c in captured] == [3, 1]
     with torch.no_grad():
         torch.testing.assert_close(torch.cat([c.hidden for c in captured]), model.embed(windows))

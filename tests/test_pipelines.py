@@ -367,28 +367,44 @@ def test_refit_at_full_rank_is_the_least_squares_map(damp):
         assert objective(got) <= 1.0001 * objective(expected)
 
 
-def _block_runs(model):
+def _block_runs(model, monkeypatch):
     """Count the completed runs of each decoder block (a pass stopped early at a
-    module's input does not complete the block, so it is not counted)."""
+    module's input does not complete the block, so it is not counted; nor are the calls
+    of the pass that reads each block's arguments, ``capture_block_calls``, which
+    bypasses the blocks)."""
+    from rankcut.pipelines import sequential
+
     runs = {}
+    capturing = []
+    capture = sequential.capture_block_calls
+
+    def uncounted(*args, **kwargs):
+        capturing.append(True)
+        try:
+            return capture(*args, **kwargs)
+        finally:
+            capturing.pop()
+
+    monkeypatch.setattr(sequential, "capture_block_calls", uncounted)
     for name, block in rankcut.models.find_decoder_layers(model):
         runs[name] = 0
 
         def hook(mod, args, out, name=name):
-            runs[name] += 1
+            if not capturing:
+                runs[name] += 1
 
         block.register_forward_hook(hook)
     return runs
 
 
-def test_sequential_runs_each_block_no_more_than_needed():
+def test_sequential_runs_each_block_no_more_than_needed(monkeypatch):
     """Per block and batch: one dense run (its outputs and the stages' dense inputs) and
     one run of the compressed block (the last stage's pass, which gives the next block's
     inputs; none after the last block), plus, in the first block only, one run testing
     that ``down_proj`` adds to the block's output (later blocks of the class reuse it)."""
     x = calib(n=12)  # three batches of four windows
     model = tiny_llama(num_hidden_layers=3)
-    runs = _block_runs(model)
+    runs = _block_runs(model, monkeypatch)
     config = SvdLlmConfig(ratio=0.4, pipeline="sequential")
     targets = find_targets(model)
     ranks = {n: 8 for n in targets}
@@ -400,7 +416,7 @@ def test_sequential_tail_shortcut_changes_nothing(monkeypatch):
     """The compressed block's outputs kept from the last stage's pass (``base + M'(x)``)
     equal a run of the compressed block, to float rounding; with the shortcut refused
     the outputs come from a run replaying the attention (``_Replay``), equal too."""
-    from rankcut.calibrate.sequential import capture_block_inputs
+    from rankcut.calibrate.sequential import capture_block_calls
     from rankcut.models import find_decoder_layers
     from rankcut.pipelines import sequential
 
@@ -420,7 +436,7 @@ def test_sequential_tail_shortcut_changes_nothing(monkeypatch):
         targets = find_targets(model)
         ranks = {n: 8 for n in targets}
         name, block = find_decoder_layers(model)[0]
-        comp = capture_block_inputs(model, block, x, batch_size=4)
+        comp, _ = capture_block_calls(model, [block], x, batch_size=4)
         _, comp_out = sequential.compress_block(
             model, name, block, targets, ranks, METHODS["svd-llm"], config, comp, comp, {}
         )
@@ -627,6 +643,59 @@ def test_stage_inputs_dropped_when_they_would_not_fit():
     assert not keep.active and keep.parts == {} and not keep.covers(["q"])
     keep.record(lin, "q", "q", x, lin(x))
     assert keep.parts == {}
+
+
+def test_stage_inputs_dropped_when_the_model_changes_an_input_in_place():
+    """A block that changes a target's input after the target read it would leave other
+    values in a kept reference than the target saw: nothing is kept then."""
+    from rankcut.calibrate import StageInputs
+
+    lin = torch.nn.Linear(4, 4)
+    x = torch.randn(10, 4)
+    keep = StageInputs(tokens=20, budget=1 << 20)
+    keep.record(lin, "q", "q", x, lin(x))
+    keep.end_batch()
+    assert keep.active
+    y = torch.randn(10, 4)
+    keep.record(lin, "q", "q", y, lin(y))
+    y.mul_(2)  # after q read it
+    keep.end_batch()
+    assert not keep.active and keep.parts == {}
+
+
+class _ChangesInput(torch.nn.Module):
+    """A block whose second linear's input is doubled in place after it was read."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = torch.tanh(self.a(x))
+        out = x + self.b(y)
+        y.mul_(2)
+        return out + y
+
+
+def test_dense_pass_keeps_the_inputs_a_block_changes_in_place():
+    from rankcut.calibrate.sequential import BlockInputs
+    from rankcut.pipelines.sequential import _dense_pass
+
+    torch.manual_seed(0)
+    block = _ChangesInput()
+    batches = [BlockInputs(torch.randn(2, 3, 4), (), {}) for _ in range(3)]
+    seen = []
+    block.b.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
+    modules = {"a": block.a, "b": block.b}
+    stages, captured, outputs = _dense_pass(block, modules, batches, lambda _: [])
+    assert stages == [["a"], ["b"]]
+    # the first batch ran twice (the change seen, then with copies)
+    assert len(seen) == 4 and len(captured["b"]) == 3
+    for got, want in zip(captured["b"], seen[1:], strict=True):
+        torch.testing.assert_close(got, want)
+    with torch.no_grad():
+        for out, b in zip(outputs, batches, strict=True):
+            torch.testing.assert_close(out, block(b.hidden))
 
 
 def _compress_replayed(monkeypatch, replay: bool, make, x, **config):

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from ..errors import RankcutError
+from .sequential import tensor_version
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ class StageInputs:
         self.outputs: set[str] = set()  # owners whose stage is kept as outputs
         self.decided = False
         self.active = True
+        self.unchecked: list[tuple[Tensor, int | None]] = []  # this batch's inputs, versions
 
     @property
     def expected_bytes(self) -> int:
@@ -95,7 +97,8 @@ class StageInputs:
             self.budget = int(MEMORY_FRACTION * free_bytes(x.device))
         first = not self.decided
         if name == owner and (first or owner not in self.outputs):
-            self._keep(("in", owner), x.detach())
+            self._keep(("in", owner), x.detach())  # (checked unchanged at the batch's end)
+            self.unchecked.append((x, tensor_version(x)))
         # Outputs only of a module without bias: subtracting a bias from ``x W^T + b``
         # would cancel digits where ``|b|`` dominates (measured on a tiny GPT-2 with
         # biases of 0.1: factors off by 5e-6 against 1e-7 with the inputs kept).
@@ -109,7 +112,14 @@ class StageInputs:
             self._keep(("out", name), y.detach().clone())
 
     def end_batch(self) -> None:
-        """After the first batch: each stage's form, and whether the total fits."""
+        """After each batch: whether the model left the kept inputs as they were (a
+        block that changes a target's input in place after the call would leave other
+        values than the target read: nothing is kept then); after the first, each
+        stage's form and whether the total fits."""
+        changed = any(tensor_version(x) != v for x, v in self.unchecked)
+        self.unchecked.clear()
+        if changed:
+            self.drop("the model changed a target's input in place after the target read it")
         if self.decided or not self.active or not self.parts:
             return
         self.decided = True
@@ -157,6 +167,7 @@ class StageInputs:
             logger.info("not keeping the dense stage inputs of the statistics pass: %s", reason)
         self.active = False
         self.parts.clear()
+        self.unchecked.clear()
 
     def take_block(
         self, prefix: str, names, token_sizes: list[int]

@@ -7,6 +7,7 @@ activations are alive at a time.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,7 +18,8 @@ from torch import Tensor, nn
 
 from ..errors import RankcutError
 from ..models.adapter import adapter_for
-from .hooks import HookManager
+
+logger = logging.getLogger(__name__)
 
 
 class StopForward(Exception):
@@ -36,37 +38,174 @@ class BlockInputs:
         return BlockInputs(hidden, self.args, self.kwargs)
 
 
+class BlockCalls:
+    """What each decoder block is called with besides its hidden states, batch by batch.
+
+    Most models call every block with the very same extra arguments (Llama: one mask,
+    one pair of rotary tables), and blocks are then replayed on block 0's. Some give
+    blocks of different kinds different ones: Gemma 2 and 3 alternate sliding-window
+    and full-attention layers, each with its own mask (and, in Gemma 3, its own rotary
+    tables). Those blocks keep their own (``other``), read from a pass of the model
+    with every block bypassed (``capture_block_calls``), and ``retarget`` gives a
+    stream of hidden states the arguments of the block it is about to enter.
+    """
+
+    def __init__(self, first: list[tuple[tuple, dict]], other: dict[int, list[tuple[tuple, dict]]]):
+        self.first = first
+        self.other = other
+
+    @property
+    def uniform(self) -> bool:
+        """Every block takes block 0's arguments."""
+        return not self.other
+
+    def of(self, k: int) -> list[tuple[tuple, dict]]:
+        """``(args, kwargs)`` of block ``k``, per batch."""
+        return self.other.get(k, self.first)
+
+    def retarget(self, inputs: list[BlockInputs] | None, k: int) -> list[BlockInputs] | None:
+        """``inputs`` (hidden states per batch) with block ``k``'s arguments; the same
+        list when every block takes the same."""
+        if inputs is None or self.uniform:
+            return inputs
+        calls = self.of(k)
+        return [BlockInputs(b.hidden, *c) for b, c in zip(inputs, calls, strict=True)]
+
+
+def _same(a, b) -> bool:
+    if a is b:
+        return True
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return (
+            isinstance(a, Tensor)
+            and isinstance(b, Tensor)
+            and a.shape == b.shape
+            and a.dtype == b.dtype
+            and a.device == b.device
+            and (a.is_meta or bool(torch.equal(a, b)))
+        )
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(map(_same, a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    try:
+        return bool(a == b)
+    except Exception:  # (an object without a usable ==: not known to be the same)
+        return False
+
+
+def _same_call(a: tuple[tuple, dict], b: tuple[tuple, dict]) -> bool:
+    return _same(a[0], b[0]) and _same(a[1], b[1])
+
+
+def _split_call(args, kwargs) -> tuple[Tensor, tuple, dict]:
+    kwargs = dict(kwargs)
+    if args:
+        return args[0], tuple(args[1:]), kwargs
+    if "hidden_states" not in kwargs:
+        raise RankcutError("a decoder block was called without hidden states")
+    return kwargs.pop("hidden_states"), (), kwargs
+
+
 @torch.no_grad()
-def capture_block_inputs(
+def capture_block_calls(
     model: nn.Module,
-    block: nn.Module,
+    blocks: list[nn.Module],
     windows: Tensor,
     batch_size: int = 1,
     device: torch.device | str | None = None,
-) -> list[BlockInputs]:
-    """Run the model up to ``block`` for every batch and keep what ``block`` receives."""
+) -> tuple[list[BlockInputs], BlockCalls]:
+    """Block 0's inputs for every batch of ``windows``, and what each of ``blocks`` is
+    called with (``BlockCalls``).
+
+    Each batch runs the model with every block bypassed: a block records its call and
+    hands its hidden states on unchanged, computing nothing, and the pass stops at the
+    last block (no final norm, no head). So the arguments the model makes for each block
+    (masks, rotary tables, positions) are the ones a full run gives it, at the cost of
+    the embeddings. A bypassed block returns what the first block returns (a tensor, or
+    a tuple led by one), learnt from one real call of it when its weights are loaded.
+    """
+    if not blocks:
+        raise RankcutError("no decoder blocks to capture the inputs of")
     device = device or next(model.parameters()).device
-    captured: list[BlockInputs] = []
+    calls: list[list[tuple[tuple, dict]]] = [[] for _ in blocks]
+    hiddens: list[Tensor] = []
+    style: dict = {}  # "tuple": whether a block returns a tuple led by its hidden states
+    last = len(blocks) - 1
+    first = blocks[0]
+    real_first = first.forward
+    loaded = not any(p.is_meta for p in first.parameters())
 
-    def hook(module, args, kwargs):
-        hidden, rest = (args[0], args[1:]) if args else (kwargs.pop("hidden_states"), ())
-        captured.append(BlockInputs(hidden, rest, dict(kwargs)))
-        raise StopForward
+    def bypass_for(k: int):
+        def forward(*args, **kwargs):
+            hidden, rest, kw = _split_call(args, kwargs)
+            calls[k].append((rest, kw))
+            if k == 0:
+                hiddens.append(hidden)
+                if "tuple" not in style:
+                    out = real_first(*args, **kwargs) if loaded and last > 0 else hidden
+                    style["tuple"] = isinstance(out, (tuple, list))
+            if k == last:
+                raise StopForward
+            return (hidden,) if style.get("tuple") else hidden
 
+        return forward
+
+    saved = [b.__dict__.get("forward") for b in blocks]
     adapter = adapter_for(model)
     was_training = model.training
     model.eval()
-    with HookManager() as hooks:
-        hooks._handles.append(block.register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        for k, block in enumerate(blocks):
+            block.forward = bypass_for(k)
         for batch in windows.split(batch_size):
             ids = batch.to(device)
+            count = len(hiddens)
             try:
                 model(**adapter.inputs(ids, attention_mask=torch.ones_like(ids), use_cache=False))
             except StopForward:
-                continue
-            raise RankcutError("the first decoder block was never called")
-    model.train(was_training)
-    return captured
+                pass
+            if len(hiddens) != count + 1:
+                raise RankcutError("the first decoder block was not called once per batch")
+    finally:
+        for block, forward in zip(blocks, saved, strict=True):
+            del block.forward
+            if forward is not None:  # (another wrapper's, e.g. accelerate's hooks)
+                block.forward = forward
+        model.train(was_training)
+    batches = len(hiddens)
+    first_calls = calls[0]
+    other: dict[int, list[tuple[tuple, dict]]] = {}
+    for k in range(1, len(blocks)):
+        if len(calls[k]) != batches:
+            raise RankcutError(
+                f"decoder block {k} was called {len(calls[k])} times in {batches} batches "
+                "(once per batch expected)"
+            )
+        if not all(map(_same_call, calls[k], first_calls)):
+            other[k] = calls[k]
+    if other:
+        logger.info(
+            "decoder blocks take different arguments (%d of %d differ from the first's)",
+            len(other),
+            len(blocks),
+        )
+    inputs = [BlockInputs(h, *c) for h, c in zip(hiddens, first_calls, strict=True)]
+    return inputs, BlockCalls(first_calls, other)
+
+
+def tensor_version(t: Tensor) -> int | None:
+    """``t``'s version counter (bumped by every in-place op on its storage), or ``None``
+    for a tensor that has none (made under ``torch.inference_mode``).
+
+    A hook that keeps a module's input or output without copying it relies on the block
+    not changing that tensor in place later in the same run (Falcon adds its attention
+    to the MLP's output with ``+=``); comparing the version before and after the run
+    tells."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
 
 
 def block_output(output) -> Tensor:

@@ -28,7 +28,12 @@ from torch.utils._pytree import tree_map
 from tqdm.auto import tqdm
 
 from ..calibrate import HookManager, InputStats, LayerStats, collect_layer_stats
-from ..calibrate.sequential import capture_block_inputs, module_input, run_block
+from ..calibrate.sequential import (
+    capture_block_calls,
+    module_input,
+    run_block,
+    tensor_version,
+)
 from ..calibrate.stats import DEFAULT_EPS, add_gram
 from ..decompose import all_finite
 from ..decompose.threads import threads_for
@@ -226,15 +231,17 @@ class _Tail:
         self.active = self.known is not False
         self.kept: list[tuple[Tensor, Tensor]] = []  # (x, base) per batch
 
-    def _run(self, bc, delta=None) -> tuple[list[Tensor], list[Tensor], Tensor]:
-        xs: list[Tensor] = []
+    def _run(self, bc, delta=None) -> tuple[list[tuple[Tensor, int | None]], list[Tensor], Tensor]:
+        xs: list[tuple[Tensor, int | None]] = []  # (input, its version at the call)
         ys: list[Tensor] = []
 
         def pre(mod, args):
-            xs.append(args[0].detach())
+            xs.append((args[0].detach(), tensor_version(args[0])))
 
         def post(mod, args, output):
-            ys.append(output.detach())
+            # a copy: the block may add to the module's output in place afterwards
+            # (Falcon's ``mlp_output += attention_output``), which ``base`` must include
+            ys.append(output.detach().clone())
             return output + delta if delta is not None else None
 
         with HookManager() as hooks:
@@ -251,16 +258,25 @@ class _Tail:
         if not self.active:
             return None
         xs, ys, h = self._run(bc)
+        if len(xs) == 1 and xs[0][1] != tensor_version(xs[0][0]):
+            # The block changed the module's input in place after the call: what the
+            # hook kept is not that input. Off for this and later blocks of the class;
+            # the caller stops at the input instead (which sees it unchanged).
+            self.active = False
+            self.kept.clear()
+            self.facts.observe("additive", self.block, self.path, False)
+            return None
+        x = xs[0][0] if len(xs) == 1 else None
         if first:
-            self.active = len(xs) == 1 and ys[0].shape == h.shape
+            self.active = x is not None and ys[0].shape == h.shape
             if self.active and self.known is None:
                 with aside():
                     self.active = self._additive(bc, ys[0], h)
                 self.facts.observe("additive", self.block, self.path, self.active)
             if not self.active:
-                return xs[0] if len(xs) == 1 else None
-        self.kept.append((xs[0], h - ys[0]))
-        return xs[0]
+                return x
+        self.kept.append((x, h - ys[0]))
+        return x
 
     def _additive(self, bc, y: Tensor, h: Tensor) -> bool:
         gen = torch.Generator(device=y.device).manual_seed(0)
@@ -551,11 +567,14 @@ def _dense_pass(
     needed only until its own module is factorized. Reading the stages here saves the
     extra block run that ``_stages`` takes.
     """
-    calls: list[tuple[str, Tensor]] = []
+    calls: list[tuple[str, Tensor, int | None, Tensor | None]] = []  # name, x, version, copy
+    copy = False  # set once the block was seen changing a stage input in place
 
     def hook_for(name):
         def hook(module, args):
-            calls.append((name, args[0]))
+            x = args[0]
+            kept = x.detach().clone() if copy and name in captured else None
+            calls.append((name, x, tensor_version(x), kept))
 
         return hook
 
@@ -566,13 +585,22 @@ def _dense_pass(
         for name, module in modules.items():
             hooks.forward_pre(module, hook_for(name))
         for bd in dense:
-            outputs.append(run_block(block, bd))
-            if stages is None:
-                stages = _group_stages(calls, modules)
-                captured = {stage[0]: spill(stage[0]) for stage in stages}
-            for name, x in calls:
+            while True:
+                calls.clear()
+                out = run_block(block, bd)
+                if stages is None:
+                    stages = _group_stages([(n, x) for n, x, _, _ in calls], modules)
+                    captured.update({stage[0]: spill(stage[0]) for stage in stages})
+                intact = all(tensor_version(x) == v for n, x, v, _ in calls if n in captured)
+                if copy or intact:
+                    break
+                # The block changed a stage input in place after the stage read it (what
+                # a reference would keep is not that input): run the batch again, copying.
+                copy = True
+            outputs.append(out)
+            for name, x, _, kept in calls:
                 if name in captured:
-                    captured[name].append(x.detach())
+                    captured[name].append(kept if kept is not None else x.detach())
             calls.clear()
     if stages is None:
         raise RankcutError("the sequential pipeline got no calibration batches")
@@ -791,7 +819,7 @@ def run_sequential(
     fisher = {}
     if "fisher" in spec.needs:  # gradients need the whole model: taken once, from the dense one
         fisher = collect_layer_stats(model, todo, calibration, frozenset({"fisher"}), progress)
-    comp = capture_block_inputs(model, blocks[0][1], calibration, batch_size=4)
+    comp, calls = capture_block_calls(model, [b for _, b in blocks], calibration, batch_size=4)
     # The same list: the first block's dense inputs are its compressed ones (compress_block
     # reuses what that makes equal).
     dense = comp if config.refit else None
@@ -802,6 +830,8 @@ def run_sequential(
     for k, (block_name, block) in enumerate(
         tqdm(blocks, desc=f"{spec.name} (sequential)", disable=not progress)
     ):
+        if k:  # (block 0's are the captured ones; its dense stream is ``comp`` itself)
+            comp, dense = calls.retarget(comp, k), calls.retarget(dense, k)
         cached = None
         if dense_inputs is not None:
             names = [n for n in todo if n.startswith(block_name + ".")]

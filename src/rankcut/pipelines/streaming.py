@@ -46,7 +46,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..calibrate.sequential import BlockInputs, SpilledTensors, capture_block_inputs
+from ..calibrate.sequential import BlockInputs, SpilledTensors, capture_block_calls
 from ..distributed import Dist, split_windows
 from ..errors import RankcutError
 from ..io import (
@@ -153,15 +153,21 @@ def _malloc_trim():
         return None
 
 
-def return_freed_memory() -> None:
+def return_freed_memory(collect: bool = True) -> None:
     """Give memory freed by released layers back to the OS.
 
     Layer tensors of a few to tens of MB are allocated from the C heap; once freed,
     glibc keeps them for reuse and the resident size creeps up layer after layer
     (measured on the 1.3B benchmark: +0.6 GB over 20 streamed layers). Trimming after
     each layer keeps the peak at one layer's working set.
+
+    ``collect`` first runs Python's cycle collector, for tensors only a reference cycle
+    still holds; it walks every object of the process (0.1-0.3 s in a large one), so
+    it runs once per block, not after each of the block's matrices (whose tensors
+    reference counting frees).
     """
-    gc.collect()
+    if collect:
+        gc.collect()
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
@@ -416,19 +422,20 @@ def run_streaming(model, plan, calibration, *, progress=True, job: StreamJob) ->
     # Block-0 inputs: the modules before the first block are loaded when called.
     block_names = [b for b, _ in blocks]
     evaluating = evaluating and main  # rank 0 alone measures the perplexities
+    modules = [b for _, b in blocks]
     with _outside_blocks_loaded(model, loader, block_names):
-        captured = capture_block_inputs(model, blocks[0][1], calibration, 4, device=device)
-        held = (
-            capture_block_inputs(model, blocks[0][1], job.eval_windows, 4, device=device)
+        captured, calls = capture_block_calls(model, modules, calibration, 4, device=device)
+        held, held_calls = (
+            capture_block_calls(model, modules, job.eval_windows, 4, device=device)
             if evaluating
-            else []
+            else ([], None)
         )
-    rest = [(b.args, b.kwargs) for b in captured]
-    held_rest = [(b.args, b.kwargs) for b in held]
 
     def stream(tag, k, hiddens=None):
+        """The store of block ``k``'s outputs (``k = -1``: block 0's inputs), which
+        carries what block ``k + 1`` is called with besides them."""
         folder_k = acts / f"{tag}-{k}"
-        extra_args = held_rest if tag.startswith("eval") else rest
+        extra_args = (held_calls if tag.startswith("eval") else calls).of(k + 1)
         if hiddens is None:
             return ActivationStore.open(folder_k, extra_args, limit, device)
         return ActivationStore.write(folder_k, extra_args, limit, device, hiddens)
@@ -476,7 +483,7 @@ def run_streaming(model, plan, calibration, *, progress=True, job: StreamJob) ->
             dense,
             {},
             dist=dist,
-            release=lambda m: (_release(model, m), return_freed_memory()),
+            release=lambda m: (_release(model, m), return_freed_memory(collect=False)),
             spill=lambda name, d=spill_dir: SpilledTensors(d / name, limit),
             replay=False,  # (its outputs would sit in memory beside the spilled stream)
             facts=facts,

@@ -1,0 +1,194 @@
+"""The default recipe on tiny random models of many transformers architectures.
+
+rankcut is used on models it was not written against: each architecture here is built
+from its config at a few thousand parameters, and the default ``compress`` (svd-llm,
+global allocation, sequential pipeline with refit) must run, save and load back, and
+give the same factors whichever of its equivalent paths it takes (the shortcuts of the
+sequential pipeline, the dense stage inputs kept from the statistics pass or recomputed).
+Each of these paths once went wrong on one architecture: Falcon adds its attention to
+the MLP's output in place, Gemma 2 and 3 give sliding-window and full-attention layers
+different masks (and Gemma 3 different rotary tables).
+"""
+
+import copy
+
+import pytest
+import torch
+import transformers
+
+import rankcut
+from rankcut.calibrate import activations
+from rankcut.calibrate.sequential import capture_block_calls, run_block
+from rankcut.methods import SvdLlmConfig
+from rankcut.models import find_decoder_layers
+from rankcut.pipelines import sequential
+
+H, FFN, V, LAYERS = 64, 128, 300, 4
+DECODER = dict(
+    vocab_size=V,
+    hidden_size=H,
+    intermediate_size=FFN,
+    num_hidden_layers=LAYERS,
+    num_attention_heads=4,
+    max_position_embeddings=128,
+)
+SLIDING = ["sliding_attention", "full_attention"] * (LAYERS // 2)
+# config class name -> its arguments (a sliding window shorter than the windows, so the
+# masks of sliding and full layers really differ)
+CONFIGS = {
+    "Llama": dict(DECODER, num_key_value_heads=2, tie_word_embeddings=False),
+    "Qwen2": dict(DECODER, num_key_value_heads=2),
+    "Qwen3": dict(DECODER, num_key_value_heads=2, head_dim=16),
+    "Mistral": dict(DECODER, num_key_value_heads=2, sliding_window=8),
+    "Gemma": dict(DECODER, num_key_value_heads=1, head_dim=16),
+    "Gemma2": dict(DECODER, num_key_value_heads=2, head_dim=16, sliding_window=8),
+    "Gemma3Text": dict(
+        DECODER, num_key_value_heads=2, head_dim=16, sliding_window=8, layer_types=SLIDING
+    ),
+    "Phi3": dict(DECODER, num_key_value_heads=2, pad_token_id=0),
+    "Phi": dict(DECODER),
+    "GPTNeoX": dict(DECODER),
+    "StableLm": dict(DECODER, num_key_value_heads=2),
+    "Olmo2": dict(DECODER),
+    "Starcoder2": dict(DECODER, num_key_value_heads=2),
+    "Cohere": dict(DECODER, num_key_value_heads=2),
+    "Falcon": dict(
+        vocab_size=V,
+        hidden_size=H,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        new_decoder_architecture=True,
+        num_kv_heads=2,
+    ),
+    "OPT": dict(
+        vocab_size=V,
+        hidden_size=H,
+        ffn_dim=FFN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        word_embed_proj_dim=H,
+        max_position_embeddings=128,
+    ),
+    "GPT2": dict(vocab_size=V, n_embd=H, n_layer=LAYERS, n_head=4, n_positions=128),
+    "Bloom": dict(vocab_size=V, hidden_size=H, n_layer=LAYERS, n_head=4),
+    "GPTJ": dict(vocab_size=V, n_embd=H, n_layer=LAYERS, n_head=4, n_positions=128, rotary_dim=8),
+}
+
+
+def build(name: str) -> torch.nn.Module:
+    config_class = getattr(transformers, name + "Config", None)
+    if config_class is None:
+        pytest.skip(f"transformers {transformers.__version__} has no {name}Config")
+    torch.manual_seed(0)
+    config = config_class(**CONFIGS[name])
+    if name == "Gemma3Text":
+        return transformers.Gemma3ForCausalLM(config).eval()
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+def windows(n=8, seq=32, seed=0):
+    return torch.randint(0, V, (n, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def compressed_logits(model, calib, test):
+    rankcut.compress(model, SvdLlmConfig(ratio=0.3), calib, progress=False)
+    with torch.no_grad():
+        return model(test).logits
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_default_compress_runs_and_round_trips(name, tmp_path):
+    model = build(name)
+    calib, test = windows(), windows(2, seed=1)
+    with torch.no_grad():
+        dense = model(test).logits
+    result = rankcut.compress(model, SvdLlmConfig(ratio=0.3), calib, progress=False)
+    assert result.config.pipeline == "sequential"
+    assert result.ranks, "nothing factorized"
+    removed = 1 - result.params["targeted_after"] / result.params["targeted_before"]
+    assert removed == pytest.approx(0.3, abs=0.02)
+    with torch.no_grad():
+        out = model(test).logits
+    assert torch.isfinite(out).all()
+    assert rel(out, dense) < 1.0  # a random model at 30% fewer parameters: not destroyed
+    rankcut.save(model, tmp_path / "out")
+    back = rankcut.load(tmp_path / "out")
+    with torch.no_grad():
+        torch.testing.assert_close(back(test).logits, out, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_block_calls_replay_the_model(name):
+    """Each block run on the captured inputs of the block before it, with the arguments
+    the model gives that block, reproduces the model's own hidden states."""
+    model = build(name)
+    ids = windows(4)
+    with torch.no_grad():
+        states = model(ids, output_hidden_states=True).hidden_states
+    blocks = [b for _, b in find_decoder_layers(model)]
+    inputs, calls = capture_block_calls(model, blocks, ids, batch_size=2)
+    for k, block in enumerate(blocks):
+        inputs = calls.retarget(inputs, k)
+        hidden = torch.cat([b.hidden for b in inputs])
+        torch.testing.assert_close(hidden, states[k], rtol=1e-5, atol=1e-5)
+        inputs = [b.with_hidden(run_block(block, b)) for b in inputs]
+
+
+def test_block_calls_tell_layer_kinds_apart():
+    """Gemma 3's sliding and full-attention layers get their own arguments; Llama's
+    blocks all take the first block's."""
+    gemma = build("Gemma3Text")
+    blocks = [b for _, b in find_decoder_layers(gemma)]
+    _, calls = capture_block_calls(gemma, blocks, windows(4), batch_size=2)
+    assert sorted(calls.other) == [k for k, kind in enumerate(SLIDING) if kind != SLIDING[0]]
+    llama = build("Llama")
+    blocks = [b for _, b in find_decoder_layers(llama)]
+    inputs, calls = capture_block_calls(llama, blocks, windows(4), batch_size=2)
+    assert calls.uniform and calls.retarget(inputs, 2) is inputs
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_sequential_shortcuts_give_the_plain_result(name, monkeypatch):
+    """The replayed children (``_Replay``) and the additive last stage (``_Tail``) save
+    block runs without changing the factors."""
+    model = build(name)
+    calib, test = windows(), windows(2, seed=1)
+    fast = compressed_logits(copy.deepcopy(model), calib, test)
+    monkeypatch.setattr(sequential, "REPLAY", False)
+    monkeypatch.setattr(sequential._Tail, "TOLERANCE", -1.0)  # never additive
+    plain = compressed_logits(model, calib, test)
+    assert rel(fast, plain) < 1e-5
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_kept_dense_inputs_equal_rerun_dense_blocks(name, monkeypatch):
+    """The dense stage inputs kept from the statistics pass are what rerunning the dense
+    blocks gives (``MEMORY_FRACTION = 0``: nothing kept)."""
+    model = build(name)
+    calib, test = windows(), windows(2, seed=1)
+    kept = compressed_logits(copy.deepcopy(model), calib, test)
+    monkeypatch.setattr(activations, "MEMORY_FRACTION", 0.0)
+    rerun = compressed_logits(model, calib, test)
+    assert rel(kept, rerun) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["Gemma3Text", "Falcon", "GPT2"])
+def test_streaming_equals_in_memory_sequential(name, tmp_path):
+    """Streaming (one block loaded at a time, activations in files) gives each block the
+    arguments the model gives it, as the in-memory sequential pipeline does."""
+    from rankcut.streaming import stream_compress
+
+    build(name).save_pretrained(tmp_path / "ckpt")
+    calib, test = windows(), windows(2, seed=1)
+    config = SvdLlmConfig(ratio=0.3, pipeline="sequential", allocation="uniform")
+    ref = rankcut.load(tmp_path / "ckpt")
+    result = rankcut.compress(ref, config, calib, progress=False)
+    meta = stream_compress(tmp_path / "ckpt", config, calib, tmp_path / "out", progress=False)
+    assert meta["ranks"] == result.ranks
+    got = rankcut.load(tmp_path / "out")
+    with torch.no_grad():
+        torch.testing.assert_close(got(test).logits, ref(test).logits, rtol=1e-5, atol=1e-5)
