@@ -6,8 +6,9 @@ global allocation, sequential pipeline with refit) must run, save and load back,
 give the same factors whichever of its equivalent paths it takes (the shortcuts of the
 sequential pipeline, the dense stage inputs kept from the statistics pass or recomputed).
 Each of these paths once went wrong on one architecture: Falcon adds its attention to
-the MLP's output in place, Gemma 2 and 3 give sliding-window and full-attention layers
-different masks (and Gemma 3 different rotary tables).
+the MLP's output in place, Gemma 2 and 3 and ModernBERT give their local and global
+layers different masks (and Gemma 3 different rotary tables), DeBERTa's encoder unpacks
+a pair from each layer, ALBERT runs one layer module as every layer.
 """
 
 import copy
@@ -75,15 +76,47 @@ CONFIGS = {
 }
 
 
+ENCODER = dict(DECODER, vocab_size=V)
+# encoders (``AutoModel``): compared on their last hidden states
+ENCODERS = {
+    "Bert": ENCODER,
+    "Roberta": dict(ENCODER, pad_token_id=1),
+    "Electra": dict(ENCODER, embedding_size=H),
+    "DebertaV2": ENCODER,  # (its layers return a pair, which the encoder unpacks)
+    "ModernBert": dict(
+        ENCODER,
+        global_attn_every_n_layers=2,  # local and global layers: their own masks
+        local_attention=8,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+        cls_token_id=2,
+        sep_token_id=1,
+    ),
+    "MPNet": ENCODER,
+    "DistilBert": dict(vocab_size=V, dim=H, n_layers=LAYERS, n_heads=4, hidden_dim=FFN),
+    "Albert": dict(ENCODER, embedding_size=32),  # one layer module run as every layer
+}
+ALL = sorted(CONFIGS) + sorted(ENCODERS)
+
+
 def build(name: str) -> torch.nn.Module:
     config_class = getattr(transformers, name + "Config", None)
     if config_class is None:
         pytest.skip(f"transformers {transformers.__version__} has no {name}Config")
     torch.manual_seed(0)
+    if name in ENCODERS:
+        return transformers.AutoModel.from_config(config_class(**ENCODERS[name])).eval()
     config = config_class(**CONFIGS[name])
     if name == "Gemma3Text":
         return transformers.Gemma3ForCausalLM(config).eval()
     return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+def outputs(model, ids):
+    with torch.no_grad():
+        out = model(ids)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 
 def windows(n=8, seq=32, seed=0):
@@ -92,36 +125,33 @@ def windows(n=8, seq=32, seed=0):
 
 def compressed_logits(model, calib, test):
     rankcut.compress(model, SvdLlmConfig(ratio=0.3), calib, progress=False)
-    with torch.no_grad():
-        return model(test).logits
+    return outputs(model, test)
 
 
 def rel(a, b):
     return float((a - b).norm() / b.norm())
 
 
-@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("name", ALL)
 def test_default_compress_runs_and_round_trips(name, tmp_path):
     model = build(name)
     calib, test = windows(), windows(2, seed=1)
-    with torch.no_grad():
-        dense = model(test).logits
+    dense = outputs(model, test)
     result = rankcut.compress(model, SvdLlmConfig(ratio=0.3), calib, progress=False)
-    assert result.config.pipeline == "sequential"
+    # (ALBERT runs one layer module as all its layers: block by block cannot apply)
+    assert result.config.pipeline == ("whole" if name == "Albert" else "sequential")
     assert result.ranks, "nothing factorized"
     removed = 1 - result.params["targeted_after"] / result.params["targeted_before"]
     assert removed == pytest.approx(0.3, abs=0.02)
-    with torch.no_grad():
-        out = model(test).logits
+    out = outputs(model, test)
     assert torch.isfinite(out).all()
     assert rel(out, dense) < 1.0  # a random model at 30% fewer parameters: not destroyed
     rankcut.save(model, tmp_path / "out")
     back = rankcut.load(tmp_path / "out")
-    with torch.no_grad():
-        torch.testing.assert_close(back(test).logits, out, rtol=0, atol=0)
+    torch.testing.assert_close(outputs(back, test), out, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("name", [n for n in ALL if n != "Albert"])
 def test_block_calls_replay_the_model(name):
     """Each block run on the captured inputs of the block before it, with the arguments
     the model gives that block, reproduces the model's own hidden states."""
@@ -151,7 +181,7 @@ def test_block_calls_tell_layer_kinds_apart():
     assert calls.uniform and calls.retarget(inputs, 2) is inputs
 
 
-@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("name", ALL)
 def test_sequential_shortcuts_give_the_plain_result(name, monkeypatch):
     """The replayed children (``_Replay``) and the additive last stage (``_Tail``) save
     block runs without changing the factors."""
@@ -164,7 +194,7 @@ def test_sequential_shortcuts_give_the_plain_result(name, monkeypatch):
     assert rel(fast, plain) < 1e-5
 
 
-@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("name", ALL)
 def test_kept_dense_inputs_equal_rerun_dense_blocks(name, monkeypatch):
     """The dense stage inputs kept from the statistics pass are what rerunning the dense
     blocks gives (``MEMORY_FRACTION = 0``: nothing kept)."""
@@ -176,7 +206,7 @@ def test_kept_dense_inputs_equal_rerun_dense_blocks(name, monkeypatch):
     assert rel(kept, rerun) < 1e-5
 
 
-@pytest.mark.parametrize("name", ["Gemma3Text", "Falcon", "GPT2"])
+@pytest.mark.parametrize("name", ["Gemma3Text", "Falcon", "GPT2", "ModernBert"])
 def test_streaming_equals_in_memory_sequential(name, tmp_path):
     """Streaming (one block loaded at a time, activations in files) gives each block the
     arguments the model gives it, as the in-memory sequential pipeline does."""
@@ -190,5 +220,13 @@ def test_streaming_equals_in_memory_sequential(name, tmp_path):
     meta = stream_compress(tmp_path / "ckpt", config, calib, tmp_path / "out", progress=False)
     assert meta["ranks"] == result.ranks
     got = rankcut.load(tmp_path / "out")
-    with torch.no_grad():
-        torch.testing.assert_close(got(test).logits, ref(test).logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outputs(got, test), outputs(ref, test), rtol=1e-5, atol=1e-5)
+
+
+def test_sequential_refuses_shared_layers_in_one_line():
+    from rankcut.errors import RankcutError
+
+    model = build("Albert")
+    config = SvdLlmConfig(ratio=0.3, pipeline="sequential")
+    with pytest.raises(RankcutError, match="one module per layer.*--pipeline whole"):
+        rankcut.compress(model, config, windows(), progress=False)

@@ -123,14 +123,17 @@ def capture_block_calls(
     last block (no final norm, no head). So the arguments the model makes for each block
     (masks, rotary tables, positions) are the ones a full run gives it, at the cost of
     the embeddings. A bypassed block returns what the first block returns (a tensor, or
-    a tuple led by one), learnt from one real call of it when its weights are loaded.
+    a tuple led by one, with the rest of the first block's tuple), learnt from one real
+    call of it when its weights are loaded (else a tensor: a streamed skeleton).
     """
     if not blocks:
         raise RankcutError("no decoder blocks to capture the inputs of")
     device = device or next(model.parameters()).device
     calls: list[list[tuple[tuple, dict]]] = [[] for _ in blocks]
     hiddens: list[Tensor] = []
-    style: dict = {}  # "tuple": whether a block returns a tuple led by its hidden states
+    # what a block returns beside its hidden states: None (a tensor alone) or the rest of
+    # the tuple it returns (DeBERTa unpacks two values), read from the first block's
+    style: dict = {}
     last = len(blocks) - 1
     first = blocks[0]
     real_first = first.forward
@@ -142,12 +145,13 @@ def capture_block_calls(
             calls[k].append((rest, kw))
             if k == 0:
                 hiddens.append(hidden)
-                if "tuple" not in style:
+                if "rest" not in style:
                     out = real_first(*args, **kwargs) if loaded and last > 0 else hidden
-                    style["tuple"] = isinstance(out, (tuple, list))
+                    style["rest"] = tuple(out[1:]) if isinstance(out, (tuple, list)) else None
             if k == last:
                 raise StopForward
-            return (hidden,) if style.get("tuple") else hidden
+            rest = style.get("rest")
+            return hidden if rest is None else (hidden, *rest)
 
         return forward
 

@@ -619,10 +619,18 @@ def _stage_cross(block, module, stage_mods, comp, dense_inputs, replay) -> dict[
 
 
 def check_sequential(model, todo) -> list[tuple[str, nn.Module]]:
-    """Decoder blocks of ``model``; every target must lie inside one of them."""
+    """Decoder blocks of ``model``; every target must lie inside one of them, and each
+    block must be one layer (not one module run as several, ALBERT's shared layers)."""
     blocks = find_decoder_layers(model)
     if not blocks:
         raise RankcutError("the sequential pipeline found no decoder blocks in this model")
+    layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    if isinstance(layers, int) and layers > len(blocks):
+        raise RankcutError(
+            f"the sequential pipeline needs one module per layer: this model runs "
+            f"{len(blocks)} block module(s) as {layers} layers (shared layers); use "
+            "--pipeline whole"
+        )
     outside = [n for n in todo if not any(n.startswith(b + ".") for b, _ in blocks)]
     if outside:
         raise RankcutError(
