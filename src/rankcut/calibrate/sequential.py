@@ -7,9 +7,10 @@ activations are alive at a time.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +71,25 @@ class BlockCalls:
             return inputs
         calls = self.of(k)
         return [BlockInputs(b.hidden, *c) for b, c in zip(inputs, calls, strict=True)]
+
+
+@contextlib.contextmanager
+def forwards_replaced(replacements: dict[nn.Module, Callable]):
+    """Within the context each module answers with its callable instead of its
+    ``forward`` (an instance attribute, so its hooks still run); on exit the module's own
+    ``forward`` is back, or the instance ``forward`` another wrapper had set (accelerate's
+    hooks)."""
+    saved = {}
+    try:
+        for module, forward in replacements.items():
+            saved[module] = module.__dict__.get("forward")
+            module.forward = forward
+        yield
+    finally:
+        for module, forward in saved.items():
+            del module.forward
+            if forward is not None:
+                module.forward = forward
 
 
 def _same(a, b) -> bool:
@@ -155,27 +175,22 @@ def capture_block_calls(
 
         return forward
 
-    saved = [b.__dict__.get("forward") for b in blocks]
     adapter = adapter_for(model)
     was_training = model.training
     model.eval()
     try:
-        for k, block in enumerate(blocks):
-            block.forward = bypass_for(k)
-        for batch in windows.split(batch_size):
-            ids = batch.to(device)
-            count = len(hiddens)
-            try:
-                model(**adapter.inputs(ids, attention_mask=torch.ones_like(ids), use_cache=False))
-            except StopForward:
-                pass
-            if len(hiddens) != count + 1:
-                raise RankcutError("the first decoder block was not called once per batch")
+        with forwards_replaced({block: bypass_for(k) for k, block in enumerate(blocks)}):
+            for batch in windows.split(batch_size):
+                ids = batch.to(device)
+                count = len(hiddens)
+                inputs = adapter.inputs(ids, attention_mask=torch.ones_like(ids), use_cache=False)
+                try:
+                    model(**inputs)
+                except StopForward:
+                    pass
+                if len(hiddens) != count + 1:
+                    raise RankcutError("the first decoder block was not called once per batch")
     finally:
-        for block, forward in zip(blocks, saved, strict=True):
-            del block.forward
-            if forward is not None:  # (another wrapper's, e.g. accelerate's hooks)
-                block.forward = forward
         model.train(was_training)
     batches = len(hiddens)
     first_calls = calls[0]

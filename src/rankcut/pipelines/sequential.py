@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from ..calibrate import HookManager, InputStats, LayerStats, collect_layer_stats
 from ..calibrate.sequential import (
     capture_block_calls,
+    forwards_replaced,
     module_input,
     run_block,
     tensor_version,
@@ -396,7 +397,6 @@ class _Replay:
             yield
             return
         called: list[str] = []
-        saved = {}
         outs: dict[str, Tensor] = {}  # the targets' outputs in this run
 
         def pre_for(name):
@@ -425,25 +425,18 @@ class _Replay:
 
             return post
 
-        for name, child in self.children.items():
-            if name in self.kept:
-                saved[name] = child.__dict__.get("forward")
-                value = self.kept[name][index]
-                child.forward = lambda *a, _v=value, **k: _clone(_v)
-        try:
-            with HookManager() as hooks:
-                for name, child in self.children.items():
-                    hooks.forward_pre(child, pre_for(name))
-                    hooks.forward(child, post_for(name))
-                for path in self.inner:
-                    hooks.forward(self.block.get_submodule(path), out_for(path))
-                yield
-        finally:
-            for name, forward in saved.items():
-                child = self.children[name]
-                del child.forward
-                if forward is not None:  # (another wrapper's, e.g. accelerate's hooks)
-                    child.forward = forward
+        replayed = {
+            child: lambda *a, _v=self.kept[name][index], **k: _clone(_v)
+            for name, child in self.children.items()
+            if name in self.kept
+        }
+        with forwards_replaced(replayed), HookManager() as hooks:
+            for name, child in self.children.items():
+                hooks.forward_pre(child, pre_for(name))
+                hooks.forward(child, post_for(name))
+            for path in self.inner:
+                hooks.forward(self.block.get_submodule(path), out_for(path))
+            yield
         if len(called) != len(set(called)):
             self.enabled = False  # a child called twice: its outputs are not one per run
             self.kept.clear()
