@@ -41,7 +41,8 @@ from _results import write_keeping_readings  # (benchmarks/ is the script folder
 RESULTS = Path(__file__).parent / "results"
 ROOT = Path(__file__).resolve().parent.parent
 PHASES = ["loading", "statistics", "allocation", "factorization"]
-CLI = "import sys; from rankcut.cli import main; sys.exit(main())"
+# as a user runs it (``python -m rankcut`` is the ``rankcut`` executable, ``rankcut.launch``)
+CLI = ["-m", "rankcut"]
 
 
 def _env(src: str | None) -> dict[str, str]:
@@ -52,7 +53,7 @@ def _env(src: str | None) -> dict[str, str]:
 
 
 def _rankcut(args: list[str], src: str | None) -> tuple[float, str]:
-    cmd = [sys.executable, "-c", CLI, "-q", *args]
+    cmd = [sys.executable, *CLI, "-q", *args]
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=_env(src), capture_output=True, text=True)
     wall = time.perf_counter() - start

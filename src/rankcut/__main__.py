@@ -1,7 +1,7 @@
-"""``python -m rankcut`` (and ``torchrun -m rankcut``): the command line."""
+"""``python -m rankcut`` (and ``torchrun -m rankcut``): the command line (``rankcut.launch``)."""
 
 import sys
 
-from .cli import main
+from .launch import main
 
 sys.exit(main())
