@@ -4,15 +4,17 @@ PyTorch's x86 builds do their float32 and float64 linear algebra in MKL (``sgemm
 every ``nn.Linear`` forward and backward and rankcut's Gram products, ``dgemm`` and
 LAPACK for the spectra, Cholesky factors and solves). MKL chooses its code path by CPU
 *vendor*: on AMD processors it runs slower kernels than the instruction set allows,
-AVX2 ones even on AVX-512 CPUs. MKL asks one internal function whether the CPU is
+AVX2 ones even on AVX-512 CPUs (``perf`` on the Zen 5 VM below: ``sgemm`` spends its time
+in ``mkl_blas_def_sgemm_kernel_0_zen``; with the shim, in ``mkl_blas_avx512_sgemm_kernel_0``). MKL asks one internal function whether the CPU is
 Intel's, ``mkl_serv_intel_cpu_true``; a library that defines it to answer yes, loaded
 first (``LD_PRELOAD``), lets MKL choose by instruction set, as it does on Intel CPUs.
 The arithmetic stays IEEE float32/float64 (other kernels: other summation orders,
 differences at rounding level). Measured on the project's 2-core AMD EPYC (Zen 5) VM,
 2 threads: a 2048 x 576 by 576 x 1536 float32 product 123-177 -> 264-366 GFLOP/s by
-layout; the default ``rankcut compress`` of SmolLM2-135M 124.0 s -> 73.5 s, ``rankcut
-eval`` over 16384 tokens 39.1 s -> 27.1 s, the same perplexity to the printed digits
-(``benchmarks/results/compress_time.md``).
+layout; the default ``rankcut compress`` of SmolLM2-135M 135.2 s -> 82.4 s (medians of
+three alternated runs), ``rankcut eval`` over 16384 tokens 39.1 s -> 27.2 s, the same
+perplexities to the printed digits (``benchmarks/results/compress_ab.md``,
+``compress_time.md``).
 
 So on AMD x86-64 Linux, the commands that multiply large matrices (``COMMANDS``) start
 again at once, before PyTorch is imported, with that one-line library preloaded. It is
