@@ -153,7 +153,9 @@ def test_a_sigkilled_run_resumes_to_the_uninterrupted_result(tmp_path, text_file
     from safetensors.torch import load_file
 
     args = ["--data", text_file, *TINY, "--steps", "20", "--checkpoint-every", "2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # the same kernels as the in-process runs: bitwise equality needs them (the
+    # executable would otherwise start again with MKL's fast path on AMD, rankcut.launch)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RANKCUT_MKL_VENDOR_FIX": "0"}
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     cmd = [sys.executable, "-m", "rankcut", "-q", "train", *map(str, args), "--out", str(cut)]
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL)
