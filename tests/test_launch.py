@@ -140,3 +140,14 @@ def test_products_and_perplexity_are_the_same_with_the_shim(tmp_path, tiny_llama
     off = json.loads(_run([*args, "--json"], {ENV: "0"}, tmp_path))
     on = json.loads(_run([*args, "--json"], {ENV: "1"}, tmp_path))
     assert on["perplexity"] == pytest.approx(off["perplexity"], rel=1e-5)
+
+
+def test_a_refused_exec_runs_the_command_here(tmp_path, monkeypatch):
+    def execve(*args):
+        raise PermissionError("noexec")
+
+    monkeypatch.setattr(launch, "wanted", lambda *a: True)
+    monkeypatch.setattr(launch, "shim", lambda: tmp_path / "x.so")
+    monkeypatch.setattr(launch.os, "execve", execve)
+    monkeypatch.setattr(sys, "argv", ["rankcut", "-q", "methods"])
+    assert launch.main() == 0

@@ -135,16 +135,19 @@ def main() -> int:
     """``rankcut`` on the command line: start again with the shim where ``wanted``,
     then run the command (``rankcut.cli.main``)."""
     argv = sys.argv[1:]
-    if wanted(argv, os.environ, cpu_vendor()):
+    if sys.executable and wanted(argv, os.environ, cpu_vendor()):
         path = shim()
         if path is not None:
             sys.stdout.flush()
             sys.stderr.flush()
-            os.execve(
-                sys.executable,
-                [sys.executable, "-m", "rankcut", *argv],
-                relaunch_env(path, os.environ),
-            )
+            try:
+                os.execve(
+                    sys.executable,
+                    [sys.executable, "-m", "rankcut", *argv],
+                    relaunch_env(path, os.environ),
+                )
+            except OSError as err:  # (exec refused: run here, as without the shim)
+                logger.debug("could not start again with the MKL shim: %s", err)
     from .cli import main as cli_main
 
     return cli_main(argv)
