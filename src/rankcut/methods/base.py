@@ -23,11 +23,7 @@ DEFAULT_MIN_SPEEDUP = 1.1
 #: Ridge of the sequential refit towards the dense weight (``refit_damp``).
 DEFAULT_REFIT_DAMP = 0.01
 #: Calibration tokens of the allocation's output-Fisher backward (``fisher_tokens``).
-#: 2048 against 4096 on SmolLM2-135M (default recipe, 32 x 512): ~9 s less of a ~75 s
-#: compress; held-out perplexity 52.35 / 42.75 against 52.36 / 42.53 at ratio 0.2 and
-#: 82.28 / 106.97 against 81.83 / 105.69 at 0.4 (Shakespeare / fortunes;
-#: ``benchmarks/results/compress_time.md``, session 15).
-DEFAULT_FISHER_TOKENS = 2048
+DEFAULT_FISHER_TOKENS = 4096
 
 
 @dataclass
