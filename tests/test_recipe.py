@@ -32,6 +32,7 @@ DEFAULTS = {
     "pipeline": "auto",
     "refit": True,
     "min_rank_fraction": 0.25,
+    "compute_dtype": "auto",
     "recover": 0,
     "recover_lr": 1e-4,
     "recover_lora": 0,

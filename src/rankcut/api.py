@@ -15,7 +15,13 @@ from torch import Tensor, nn
 
 from .calibrate import collect_layer_stats
 from .methods import MethodConfig
-from .pipelines.plan import fisher_windows, make_plan, select_targets, statistics_needed
+from .pipelines.plan import (
+    fisher_windows,
+    make_plan,
+    model_precision,
+    select_targets,
+    statistics_needed,
+)
 
 __all__ = ["CompressionResult", "collect_statistics", "compress", "statistics_needed"]
 
@@ -38,7 +44,7 @@ class CompressionResult:
         p = self.params
         lines = [
             f"method {self.config.method}, ratio {self.config.ratio}, "
-            f"allocation {self.config.allocation}",
+            f"allocation {self.config.allocation}, products {self.config.compute_dtype}",
             f"factorized {len(self.ranks)} matrices, kept {len(self.kept_dense)} dense",
             f"targeted params {p['targeted_before']:,} -> {p['targeted_after']:,} "
             f"({1 - p['targeted_after'] / max(p['targeted_before'], 1):.1%} removed)",
@@ -66,7 +72,8 @@ def collect_statistics(
     modules, _, _ = select_targets(model, config)
     needs = statistics_needed(model, config, calibration)
     grad = fisher_windows(model, config, calibration)
-    return collect_layer_stats(model, modules, calibration, needs, progress, grad_windows=grad)
+    with model_precision(model, config, calibration):
+        return collect_layer_stats(model, modules, calibration, needs, progress, grad_windows=grad)
 
 
 def compress(
@@ -106,9 +113,10 @@ def compress(
         14
     """
     start = time.perf_counter()
-    plan = make_plan(model, config, calibration, stats=stats, progress=progress)
-    if plan.todo:
-        plan.pipeline.run(model, plan, calibration, progress=progress)
+    with model_precision(model, config, calibration) as config:
+        plan = make_plan(model, config, calibration, stats=stats, progress=progress)
+        if plan.todo:
+            plan.pipeline.run(model, plan, calibration, progress=progress)
     params = plan.param_report(model)
     seconds = time.perf_counter() - start
     phases = dict(plan.phases)

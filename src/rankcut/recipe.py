@@ -47,6 +47,7 @@ CONFIG_FIELDS = (
     "pipeline",
     "refit",
     "min_rank_fraction",
+    "compute_dtype",
 )
 
 
@@ -54,6 +55,12 @@ def _method_names() -> tuple[str, ...]:
     from .methods import METHODS
 
     return tuple(sorted(METHODS))
+
+
+def _compute_dtypes() -> tuple[str, ...]:
+    from .calibrate.precision import COMPUTE_DTYPES
+
+    return COMPUTE_DTYPES
 
 
 def _allocator_names() -> tuple[str, ...]:
@@ -253,6 +260,13 @@ class CompressRecipe(Options):
     )
     min_rank_fraction: float = _opt(
         0.25, "rank floor of non-uniform allocations, fraction of uniform"
+    )
+    compute_dtype: str = _opt(
+        "auto",
+        "precision of the model's linear products over the calibration windows (statistics "
+        "and factors stay float32/64); auto: bfloat16 where measured 1.5x faster (AMX, "
+        "AVX512-BF16, GPU), else float32 (exact)",
+        choices=_compute_dtypes,
     )
     recover: int = _opt(
         0,

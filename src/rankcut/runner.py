@@ -457,8 +457,8 @@ def _run_streaming(
         return result
     p, mc = meta["params"], meta["method_config"]
     result.say(
-        f"method {mc['method']}, ratio {mc['ratio']}, allocation {mc['allocation']} "
-        f"(streamed {len(meta['streaming']['layer_seconds'])} layers, "
+        f"method {mc['method']}, ratio {mc['ratio']}, allocation {mc['allocation']}, "
+        f"products {mc['compute_dtype']} (streamed {len(meta['streaming']['layer_seconds'])} layers, "
         f"{1 if dist is None else dist.world} process(es))\n"
         f"factorized {len(meta['ranks'])} matrices, kept {len(meta['kept_dense'])} dense\n"
         f"model params    {p['model_before']:,} -> {p['model_after']:,}"

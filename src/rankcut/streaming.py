@@ -20,7 +20,7 @@ from .io import CheckpointLoader, CheckpointReader, build_skeleton, check_output
 from .io import is_safetensors_dir as is_safetensors_dir
 from .methods import MethodConfig
 from .pipelines import PIPELINES
-from .pipelines.plan import make_plan
+from .pipelines.plan import make_plan, model_precision
 from .pipelines.streaming import FAULT_ENV as FAULT_ENV
 from .pipelines.streaming import InjectedFault as InjectedFault
 from .pipelines.streaming import StreamJob
@@ -97,29 +97,31 @@ def stream_compress(
     reader = reader or CheckpointReader(folder)
     model = build_skeleton(folder, device)
     loader = CheckpointLoader(model, reader, device)
-    plan = make_plan(
-        model,
-        config,
-        calibration,
-        progress=progress,
-        pipeline="streaming",
-        allocation_given=allocation_given,
-    )
-    job = StreamJob(
-        reader,
-        loader,
-        out,
-        work_dir=work_dir,
-        activation_limit_mb=activation_limit_mb,
-        tokenizer=tokenizer,
-        device=device,
-        extra=dict(extra or {}),
-        files=dict(files or {}),
-        dist=dist or Dist.current(),
-        start=start,
-        overwrite=overwrite,
-        eval_windows=evaluation,
-        eval_prefix=evaluation_prefix,
-        eval_data=evaluation_data,
-    )
-    return PIPELINES["streaming"].run(model, plan, calibration, progress=progress, job=job)
+    # the precision of the block runs (``model_precision``), resolved for ``device``
+    with model_precision(model, config, calibration, device) as config:
+        plan = make_plan(
+            model,
+            config,
+            calibration,
+            progress=progress,
+            pipeline="streaming",
+            allocation_given=allocation_given,
+        )
+        job = StreamJob(
+            reader,
+            loader,
+            out,
+            work_dir=work_dir,
+            activation_limit_mb=activation_limit_mb,
+            tokenizer=tokenizer,
+            device=device,
+            extra=dict(extra or {}),
+            files=dict(files or {}),
+            dist=dist or Dist.current(),
+            start=start,
+            overwrite=overwrite,
+            eval_windows=evaluation,
+            eval_prefix=evaluation_prefix,
+            eval_data=evaluation_data,
+        )
+        return PIPELINES["streaming"].run(model, plan, calibration, progress=progress, job=job)

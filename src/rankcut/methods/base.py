@@ -69,6 +69,14 @@ class MethodConfig:
             whole model) on the first windows holding this many tokens; ``0`` = every
             window. The ``whole`` pipeline and loss-table allocations use every window.
             Default measured in ``benchmarks/results/compress_time.md``.
+        compute_dtype: the precision of the model's large linear products while it runs
+            over the calibration windows (statistics passes, the sequential pipeline's
+            block runs): ``float32`` exact; ``bfloat16`` rounds each product's inputs to
+            bfloat16 and keeps its output, every statistic, decomposition and saved
+            factor in float32/float64 (``rankcut.calibrate.precision``); ``auto`` (the
+            default) takes ``bfloat16`` where the device multiplies it at least 1.5x
+            faster (AMX / AVX512-BF16 CPUs, GPUs), else ``float32``. Speed and
+            perplexity of each measured in ``benchmarks/results/compress_time.md``.
     """
 
     method: ClassVar[str] = ""
@@ -89,6 +97,7 @@ class MethodConfig:
     rank_multiple: int = DEFAULT_RANK_MULTIPLE
     min_speedup: float = DEFAULT_MIN_SPEEDUP
     fisher_tokens: int = DEFAULT_FISHER_TOKENS
+    compute_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)):
@@ -136,6 +145,12 @@ class MethodConfig:
         tokens = self.fisher_tokens
         if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
             raise ConfigError(f"fisher_tokens must be an integer >= 0, got {tokens!r}")
+        from ..calibrate.precision import COMPUTE_DTYPES
+
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ConfigError(
+                f"compute_dtype must be one of {COMPUTE_DTYPES}, got {self.compute_dtype!r}"
+            )
         if not isinstance(self.refit, bool):
             raise ConfigError(f"refit must be true or false, got {self.refit!r}")
         from ..pipelines import config_pipelines

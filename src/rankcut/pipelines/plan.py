@@ -16,6 +16,8 @@ import dataclasses
 import logging
 import re
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -24,6 +26,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..calibrate import StageInputs, collect_layer_stats
+from ..calibrate.precision import compute_precision, resolve_compute_dtype
 from ..calibrate.sensitivity import loss_table
 from ..decompose import all_finite
 from ..decompose.threads import map_one_thread_each, threads_for
@@ -141,6 +144,28 @@ def resolve_config(model: nn.Module, config: MethodConfig, calibration) -> Metho
     modules = find_targets(model, config.targets, config.exclude)
     pipeline = resolve_pipeline(model, modules, config.pipeline, calibration)
     return dataclasses.replace(config, pipeline=pipeline)
+
+
+@contextmanager
+def model_precision(
+    model: nn.Module,
+    config: MethodConfig,
+    calibration: Tensor | None,
+    device: torch.device | str | None = None,
+) -> Iterator[MethodConfig]:
+    """``config`` with ``compute_dtype="auto"`` resolved for ``device`` (default: the
+    model's), while the model's large linear products run in that precision
+    (``rankcut.calibrate.precision``). Without calibration the model never runs:
+    ``auto`` is then ``float32``."""
+    if device is None:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    auto = config.compute_dtype == "auto"
+    name = "float32" if auto and calibration is None else config.compute_dtype
+    name = resolve_compute_dtype(name, device)
+    if name != config.compute_dtype:
+        config = dataclasses.replace(config, compute_dtype=name)
+    with compute_precision(name):
+        yield config
 
 
 def statistics_needed(
