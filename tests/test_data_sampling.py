@@ -193,10 +193,16 @@ def test_batches_sampled_together_are_the_batches_one_by_one(tiny_tokenizer, mon
     # (batches of 4 give this tiny model's rows the same logits in a batch of 8 or 12;
     # batches of 2 do not, and are then sampled one by one)
     ids = generated_windows(model, tiny_tokenizer, 12, 20, 4, batch_size=4, progress=False)
-    assert shared == [[4, 4, 4]]  # the batch invariance check passed: one pass for all
+    # one pass for all where the batch invariance check passed; on a BLAS that gives a
+    # row of a batch of 12 other bits than in a batch of 4 (an AMX Xeon does), none
+    assert shared in ([[4, 4, 4]], [])
+    invariant = bool(shared)
     monkeypatch.setattr(sampling, "sampling_batch", lambda model, seq_len: 4)
     one_by_one = generated_windows(model, tiny_tokenizer, 12, 20, 4, batch_size=4, progress=False)
-    assert shared == [[4, 4, 4]] and torch.equal(ids, one_by_one)
+    assert torch.equal(ids, one_by_one)
+    if not invariant:
+        pytest.skip("this BLAS is not batch invariant here: the batches were drawn one by one")
+    assert shared == [[4, 4, 4]]
     # the generator moves on after batches drawn together as after batches one by one
     monkeypatch.setattr(sampling, "sampling_batch", lambda model, seq_len: 8)
     pairs = generated_windows(model, tiny_tokenizer, 12, 20, 4, batch_size=4, progress=False)
