@@ -181,3 +181,14 @@ def test_targets_exclude_and_errors():
     assert set(find_targets(model, targets=[r"lm_head"])) == {"lm_head"}
     with pytest.raises(RankcutError, match="q_proj"):
         find_targets(model, targets=["nothing-matches"])
+
+
+def test_model_device_reads_parameters_then_buffers_then_the_default():
+    from rankcut.models import model_device
+
+    assert model_device(torch.nn.Linear(2, 2, device="meta")).type == "meta"
+    buffered = torch.nn.BatchNorm1d(3, affine=False).to("meta")  # buffers, no parameters
+    assert list(buffered.parameters()) == []
+    assert model_device(buffered).type == "meta"
+    assert model_device(torch.nn.ReLU()) == torch.device("cpu")
+    assert model_device(torch.nn.ReLU(), default="meta").type == "meta"

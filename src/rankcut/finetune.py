@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from .data.distill import DistillWindows, sparse_kl
 from .errors import ConfigError, RankcutError
 from .layers import FactorizedLinear, factorized_modules
+from .models.structure import model_device
 
 logger = logging.getLogger(__name__)
 
@@ -220,7 +221,7 @@ def recover(
     lora = _lora_plan(model, config) if config.lora_rank else None
     flags = {p: p.requires_grad for p in model.parameters()}
     params = trainable_factors(model)
-    device = next(model.parameters()).device
+    device = model_device(model)
     net = model
     if lora is not None:
         net = _add_lora(model, config, *lora).to(device)

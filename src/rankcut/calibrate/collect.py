@@ -22,6 +22,7 @@ from ..errors import RankcutError
 from ..layers import dense_shape
 from ..models.adapter import adapter_for
 from ..models.kind import is_causal_lm
+from ..models.structure import model_device
 from .activations import StageInputs
 from .hooks import HookManager
 from .lm_loss import IGNORE_INDEX, next_token_loss_grad, shifted_targets
@@ -34,10 +35,6 @@ logger = logging.getLogger(__name__)
 #: windows in one batch.
 FISHER_BATCH_TOKENS = 2048
 FISHER_MAX_BATCH = 8
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def _forward(model: nn.Module, ids: Tensor, **kwargs):
@@ -154,7 +151,7 @@ def collect_input_stats(
     Returns a mapping from module name to its ``InputStats``; modules that share an
     input map to the same object.
     """
-    device = _model_device(model)
+    device = model_device(model)
     batches = windows.split(batch_size)
     passes = [lambda b=b: _forward(model, b.to(device)) for b in batches]
     was_training = model.training
@@ -277,7 +274,7 @@ def _gradient_pass(
     With ``grad_windows`` (output Fisher only) just the first that many windows are
     back-propagated; the others run forward for the input statistics alone, without a
     graph and stopped once every module has seen its input (the head never runs)."""
-    device = _model_device(model)
+    device = model_device(model)
     if weights:
         batch_size = 1  # the weight Fisher squares each window's own weight gradient
     elif batch_size is None:

@@ -11,12 +11,13 @@ from tqdm.auto import tqdm
 from ..errors import RankcutError
 from ..layers import dense_weight
 from ..models.adapter import adapter_for
+from ..models.structure import model_device
 
 
 @torch.no_grad()
 def mean_loss(model: nn.Module, windows: Tensor) -> float:
     """Mean next-token loss of ``model`` on ``windows`` (one batch)."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     ids = windows.to(device)
     mask = torch.ones_like(ids)
     out = model(**adapter_for(model).inputs(ids, attention_mask=mask, labels=ids, use_cache=False))

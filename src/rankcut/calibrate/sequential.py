@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from ..errors import RankcutError
 from ..models.adapter import adapter_for
+from ..models.structure import model_device
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +149,7 @@ def capture_block_calls(
     """
     if not blocks:
         raise RankcutError("no decoder blocks to capture the inputs of")
-    device = device or next(model.parameters()).device
+    device = device or model_device(model)
     calls: list[list[tuple[tuple, dict]]] = [[] for _ in blocks]
     hiddens: list[Tensor] = []
     # what a block returns beside its hidden states: None (a tensor alone) or the rest of

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from ..errors import RankcutError
 from ..models.adapter import adapter_for
+from ..models.structure import model_device
 from .sampling import sample
 
 #: Teacher tokens kept per position: the tail beyond them enters the loss as one bucket.
@@ -154,7 +155,7 @@ def teacher_targets(
     progress: bool = True,
 ) -> DistillWindows:
     """Top-``k`` targets of ``teacher`` for given token windows, one forward pass each."""
-    device = next(teacher.parameters()).device
+    device = model_device(teacher)
     adapter = adapter_for(teacher)
     was_training = teacher.training
     teacher.eval()

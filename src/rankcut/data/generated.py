@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from ..errors import RankcutError
 from ..models.kind import is_causal_lm
+from ..models.structure import model_device
 from .sampling import forbidden_tokens, sample, sampling_batch, start_tokens
 from .spec import (
     AUTO,
@@ -184,7 +185,7 @@ def windows_cache_key(
     weights = _weights_digest(model)
     if weights is None:
         return None
-    device = next(model.parameters()).device
+    device = model_device(model)
     parts = {
         "format": CACHE_FORMAT,
         "class": f"{type(model).__module__}.{type(model).__qualname__}",

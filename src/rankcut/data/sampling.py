@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from ..errors import RankcutError
 from ..models.kind import is_causal_lm
+from ..models.structure import model_device
 from .windows import bos_prefix
 
 T = TypeVar("T")
@@ -221,7 +222,7 @@ def sample(
     if len(start) >= seq_len:
         raise RankcutError(f"seq-len {seq_len} leaves no room after the start tokens {start}")
     batch_size = batch_size or sampling_batch(model, seq_len)
-    device = next(model.parameters()).device
+    device = model_device(model)
     forbidden = torch.tensor(forbidden_tokens(model, tokenizer), dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
     run = _Sampler(model, DRAWS[draw], temperature, forbidden, generator, keep)

@@ -20,6 +20,7 @@ from ..data import bos_prefix, evaluation_windows
 from ..errors import RankcutError
 from ..models.adapter import adapter_for
 from ..models.kind import is_causal_lm
+from ..models.structure import model_device
 
 
 def window_nll(logits: Tensor, ids: Tensor, prefix_len: int = 0) -> tuple[float, int]:
@@ -49,7 +50,7 @@ def perplexity_of_windows(
 
     The first ``prefix_len`` positions (a BOS) are context only and never predicted.
     """
-    device = next(model.parameters()).device
+    device = model_device(model)
     adapter = adapter_for(model)
     was_training = model.training
     model.eval()

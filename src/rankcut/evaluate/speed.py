@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ..layers import FactorizedLinear, dense_shape, factorized_modules, is_dense_linear
-from ..models.structure import find_decoder_layers
+from ..models.structure import find_decoder_layers, model_device
 
 
 @dataclass
@@ -220,10 +220,6 @@ def _timed(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 @torch.no_grad()
 def _prefill(model: nn.Module, ids: torch.Tensor):
     return model(input_ids=ids, use_cache=True)
@@ -256,7 +252,7 @@ def _in_features(module: nn.Module) -> int:
 
 def _linear_inputs(model: nn.Module, batch: int, tokens: int, seed: int):
     """``(module, input)`` per decoder linear; inputs ``(batch, tokens, in)`` shared by size."""
-    device = _device_of(model)
+    device = model_device(model)
     dtype = next(model.parameters()).dtype
     gen = torch.Generator().manual_seed(seed)
     cache: dict[int, torch.Tensor] = {}
@@ -305,7 +301,7 @@ def measure(
     if s.threads:
         torch.set_num_threads(s.threads)
     first = next(iter(models.values()))
-    device = _device_of(first)
+    device = model_device(first)
     vocab = vocab_size or int(getattr(first.config, "vocab_size", 1000))
     gen = torch.Generator().manual_seed(s.seed)
     ids = torch.randint(0, vocab, (s.batch, s.prompt), generator=gen).to(device)
@@ -374,7 +370,7 @@ def compare(
     out = {
         "settings": asdict(s),
         "threads": torch.get_num_threads(),
-        "device": str(_device_of(model)),
+        "device": str(model_device(model)),
         "theoretical": theoretical_speedup(model, tokens=s.batch),
         "theoretical_prefill": theoretical_speedup(model, tokens=s.batch * s.prompt),
         "model": asdict(reports["model"]),

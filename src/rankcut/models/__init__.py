@@ -7,6 +7,7 @@ from .structure import (
     find_decoder_layers,
     find_targets,
     get_parent,
+    model_device,
     replace_module,
     shared_weights,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "gguf_to_hf_dir",
     "hf_location",
     "is_causal_lm",
+    "model_device",
     "register_adapter",
     "replace_module",
     "resolve",

@@ -11,11 +11,26 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
+import torch
 from torch import nn
 
 from ..errors import RankcutError
 from ..layers import is_dense_linear
 from .adapter import adapter_for
+
+
+def model_device(model: nn.Module, default: torch.device | str = "cpu") -> torch.device:
+    """Where ``model`` runs: the device of its first parameter (of its first buffer when
+    it has none), else ``default``.
+
+    Example:
+        >>> model_device(torch.nn.Linear(2, 2)), model_device(torch.nn.ReLU())
+        (device(type='cpu'), device(type='cpu'))
+    """
+    for tensors in (model.parameters(), model.buffers()):
+        for tensor in tensors:
+            return tensor.device
+    return torch.device(default)
 
 
 def find_decoder_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:

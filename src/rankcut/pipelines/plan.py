@@ -33,7 +33,7 @@ from ..decompose.threads import map_one_thread_each, threads_for
 from ..errors import RankcutError
 from ..evaluate.params import param_summary
 from ..layers import dense_shape, dense_weight
-from ..models import find_targets, is_causal_lm, shared_weights
+from ..models import find_targets, is_causal_lm, model_device, shared_weights
 from ..rank import (
     ALLOCATORS,
     AllocationInput,
@@ -158,7 +158,7 @@ def model_precision(
     (``rankcut.calibrate.precision``). Without calibration the model never runs:
     ``auto`` is then ``float32``."""
     if device is None:
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        device = model_device(model)
     auto = config.compute_dtype == "auto"
     name = "float32" if auto and calibration is None else config.compute_dtype
     name = resolve_compute_dtype(name, device)

@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError, RankcutError
+from ..models.structure import model_device
 
 logger = logging.getLogger(__name__)
 
@@ -412,7 +413,7 @@ def validation_loss(model: nn.Module, held: Tensor, batch: int, prefix_len: int 
         >>> validation_loss(model, data.eval, 8)  # doctest: +SKIP
         3.91
     """
-    device = next(model.parameters()).device
+    device = model_device(model)
     was_training = model.training
     model.eval()
     start = max(prefix_len - 1, 0)
