@@ -38,6 +38,8 @@ from pathlib import Path
 
 from _results import write_keeping_readings  # (benchmarks/ is the script folder)
 
+from rankcut.cache import cache_dir
+
 RESULTS = Path(__file__).parent / "results"
 ROOT = Path(__file__).resolve().parent.parent
 PHASES = ["loading", "statistics", "allocation", "factorization"]
@@ -88,8 +90,8 @@ def forward_pass(model: str, tokens: int, seq_len: int) -> float:
 
 
 def calibration_cache() -> Path:
-    base = Path(os.environ.get("RANKCUT_CACHE", Path.home() / ".cache" / "rankcut"))
-    return base / "calibration"
+    """The calibration cache the measured commands use (rankcut.cache: no torch import)."""
+    return cache_dir() / "calibration"
 
 
 def compress(model, ratio, samples, seq_len, out, src) -> dict:
