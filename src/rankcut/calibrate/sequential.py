@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_map
 
 from ..errors import RankcutError
 from ..models.adapter import adapter_for
@@ -128,6 +129,27 @@ def _split_call(args, kwargs) -> tuple[Tensor, tuple, dict]:
     return kwargs.pop("hidden_states"), (), kwargs
 
 
+def _meta_call(forward, args, kwargs, hidden: Tensor):
+    """What ``forward`` (a block whose weights are on the meta device) returns when called
+    on meta copies of its tensor arguments: its structure, computed from shapes alone.
+    Tensors beside the hidden states come back as ``None`` (their values are unknown;
+    blocks return attention weights there only when asked to). ``hidden`` when the
+    block cannot run on meta tensors (the caller then treats it as returning a tensor).
+    """
+
+    def meta(value):
+        return value.to("meta") if isinstance(value, Tensor) else value
+
+    try:
+        out = forward(*tree_map(meta, args), **tree_map(meta, kwargs))
+    except Exception as err:  # (a data-dependent op: no structure to learn on meta)
+        logger.debug("the first block does not run on meta tensors: %s", err)
+        return hidden
+    if not isinstance(out, (tuple, list)):
+        return hidden
+    return (hidden, *(None if isinstance(v, Tensor) else v for v in out[1:]))
+
+
 @torch.no_grad()
 def capture_block_calls(
     model: nn.Module,
@@ -145,7 +167,8 @@ def capture_block_calls(
     (masks, rotary tables, positions) are the ones a full run gives it, at the cost of
     the embeddings. A bypassed block returns what the first block returns (a tensor, or
     a tuple led by one, with the rest of the first block's tuple), learnt from one real
-    call of it when its weights are loaded (else a tensor: a streamed skeleton).
+    call of it when its weights are loaded, else (a streamed skeleton, weights on the
+    meta device) from a call on meta copies of its arguments (``_meta_call``).
     """
     if not blocks:
         raise RankcutError("no decoder blocks to capture the inputs of")
@@ -167,7 +190,12 @@ def capture_block_calls(
             if k == 0:
                 hiddens.append(hidden)
                 if "rest" not in style:
-                    out = real_first(*args, **kwargs) if loaded and last > 0 else hidden
+                    if last == 0:
+                        out = hidden  # (the pass stops here: nothing reads the return)
+                    elif loaded:
+                        out = real_first(*args, **kwargs)
+                    else:
+                        out = _meta_call(real_first, args, kwargs, hidden)
                     style["rest"] = tuple(out[1:]) if isinstance(out, (tuple, list)) else None
             if k == last:
                 raise StopForward

@@ -10,6 +10,7 @@ at a time into a skeleton built on the meta device (``build_skeleton`` and
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -18,6 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import RankcutError
+
+logger = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -215,6 +218,39 @@ def build_skeleton(folder: str | os.PathLike, device) -> nn.Module:
     return model.eval()
 
 
+def checkpoint_names(model: nn.Module, keys) -> dict[str, str]:
+    """``{name in the model: key in the checkpoint}`` for every checkpoint key.
+
+    A checkpoint may store a tensor under another name than the model's parameter:
+    transformers renames keys on loading (its per-architecture ``WeightRenaming`` rules,
+    e.g. GPT-NeoX's ``embed_out.`` -> ``lm_head.``, and renames them back on saving).
+    The same renamings are applied here, so that loading a block at a time reads what
+    ``from_pretrained`` would. Conversions that merge or split tensors (``WeightConverter``:
+    fused experts) are not renamings; their parameters stay unmatched and the caller
+    reports them missing. With a transformers that has no such rules, names are kept.
+
+    Example:
+        >>> checkpoint_names(torch.nn.Linear(2, 2), ["weight", "bias"])
+        {'weight': 'weight', 'bias': 'bias'}
+    """
+    keys = list(keys)
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, apply_renamings
+    except ImportError:  # (transformers < 5: checkpoints hold the model's names)
+        return {k: k for k in keys}
+    try:
+        rules = get_model_conversion_mapping(model, add_legacy=False)
+    except Exception as err:  # (not a transformers model, or one it cannot map)
+        logger.debug("no checkpoint key renamings for %s: %s", type(model).__name__, err)
+        rules = []
+    renamings = [r for r in rules if isinstance(r, WeightRenaming)]
+    out: dict[str, str] = {}
+    for key in keys:
+        out.setdefault(apply_renamings(key, renamings) if renamings else key, key)
+    return out
+
+
 class CheckpointLoader:
     """Fills parameters of a meta skeleton from the checkpoint (tied names resolved)."""
 
@@ -224,16 +260,16 @@ class CheckpointLoader:
         aliases: dict[str, list[str]] = {}
         for dropped, kept in self.tied.items():
             aliases.setdefault(kept, [kept]).append(dropped)
-        keys = reader.keys()
+        by_name = checkpoint_names(model, reader.keys())
         self.source: dict[str, str] = {}
         missing = []
         for name, _ in model.named_parameters():
-            found = next((a for a in aliases.get(name, [name]) if a in keys), None)
+            found = next((by_name[a] for a in aliases.get(name, [name]) if a in by_name), None)
             if found is None:
                 missing.append(name)
             self.source[name] = found
         if missing:
-            some = ", ".join(sorted(keys)[:5])
+            some = ", ".join(sorted(reader.keys())[:5])
             raise RankcutError(
                 f"the checkpoint in {reader.folder} lacks tensors the model needs: "
                 f"{missing[:5]} (it holds e.g. {some})"
