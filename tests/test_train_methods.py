@@ -4,6 +4,7 @@ hooks, steps, finalize; sizing, errors, and a resume that equals the uninterrupt
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -406,6 +407,29 @@ def test_maestro_loss_is_lm_loss_plus_distillation_of_the_cut_network():
     expected = full.loss + distillation_loss(partial, full.logits)
     torch.testing.assert_close(loss, expected)
     assert all(model.get_submodule(n).active_rank is None for n in setup.targets)
+
+
+def test_maestro_warmup_trains_uncut_first():
+    """``warmup=0.5``: the first half of the steps' loss is the uncut network's alone,
+    the second half adds the distillation of the sampled cut, as without warmup."""
+    model = tiny_llama()
+    setup = setup_for(model, steps=10, options={"warmup": 0.5})
+    plain, too_long = setup_for(model, steps=10), setup_for(model, options={"warmup": 1.0})
+    reference = train_method("maestro")
+    reference.prepare(copy.deepcopy(model), plain)
+    method = train_method("maestro")
+    method.prepare(model, setup)
+    ids = batches()[0]
+    with torch.no_grad():
+        full = model(input_ids=ids, labels=ids).loss
+        for step in range(5):
+            torch.testing.assert_close(method.loss(model, ids, step), full)
+        for step in range(5, 10):
+            loss = method.loss(model, ids, step)
+            assert float(loss) > float(full)  # (a distillation term is added)
+            torch.testing.assert_close(loss, reference.loss(model, ids, step))
+    with pytest.raises(ConfigError):
+        train_method("maestro").parse_options(too_long)
 
 
 def test_maestro_sampler_all_cuts_every_layer_at_one_fraction():

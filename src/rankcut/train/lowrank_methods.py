@@ -440,12 +440,14 @@ class MaestroMethod(LowRankTrainMethod):
     ``sampler=all`` (not the authors' choice) cuts every layer at once instead, to one
     fraction ``p`` of its full rank drawn uniformly per step (``ceil(p min(out, in))``,
     as ``maestro_cut`` rounds; FjORD's ordered dropout over the whole network): the
-    network then trains in the state a uniform cut leaves it in.
+    network then trains in the state a uniform cut leaves it in. ``warmup=w`` (not the
+    authors' either) trains the first ``w`` of the steps on the uncut network's loss
+    alone, so ordered dropout starts from a network that has learnt something.
 
     Example:
         >>> from rankcut.train.methods import train_method
         >>> train_method("maestro").option_keys
-        ('lasso', 'shrink_threshold', 'shrink_every', 'init', 'sampler')
+        ('lasso', 'shrink_threshold', 'shrink_every', 'init', 'sampler', 'warmup')
     """
 
     summary = "ordered low rank (ordered dropout + group lasso), cut to any rank afterwards"
@@ -465,12 +467,19 @@ class MaestroMethod(LowRankTrainMethod):
             ("layer", "all"),
             "cut one sampled layer per step (as the authors) or all at one sampled fraction",
         ),
+        "warmup": _float(
+            0.0,
+            "fraction of the steps trained uncut (no ordered dropout) before it starts",
+            lambda v: 0 <= v < 1,
+            "a number in [0, 1)",
+        ),
     }
 
     def __init__(self) -> None:
         self._names: list[str] = []
         self._seed = 0
         self._sampler = "layer"
+        self._first_cut_step = 0
         self._optimizer: torch.optim.Optimizer | None = None
         self._shrink: ProgressiveShrinking | None = None
         self._cut: dict[str, int] = {}
@@ -485,6 +494,7 @@ class MaestroMethod(LowRankTrainMethod):
         cuts = {name: self.budget_rank(setup, name, m, n) for name, _, m, n in targets}
         self._names, self._seed = [], int(setup.seed)
         self._sampler = opts["sampler"]
+        self._first_cut_step = int(opts["warmup"] * setup.steps)
         self._cut = {name: cut for name, cut in cuts.items() if cut is not None}
         for name, module, out_features, in_features in targets:
             weight = dense_weight(module).detach()
@@ -543,7 +553,7 @@ class MaestroMethod(LowRankTrainMethod):
 
     def loss(self, model: nn.Module, ids: Tensor, step: int) -> Tensor:
         full = model(input_ids=ids, labels=ids)
-        cuts = self.cuts(model, step)
+        cuts = self.cuts(model, step) if step >= self._first_cut_step else {}
         if not cuts:
             return full.loss
         layers = {name: model.get_submodule(name) for name in cuts}
