@@ -296,3 +296,21 @@ def test_every_train_method_trains_saves_and_loads(name, tmp_path):
         rankcut.save(model, tmp_path / method)
         back = rankcut.load(tmp_path / method)
         torch.testing.assert_close(outputs(back, data[0]), out, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_merged_export_loads_with_transformers(name, tmp_path):
+    """``export --merge`` writes what the model class expects (GPT-2's ``Conv1D`` keeps
+    its ``(in, out)`` layout): ``from_pretrained`` loads it and gives the compressed
+    model's outputs."""
+    from rankcut.io import export_merged
+
+    model = build(name)
+    calib, test = windows(), windows(2, seed=1)
+    rankcut.compress(model, SvdLlmConfig(ratio=0.3), calib, progress=False)
+    rankcut.save(model, tmp_path / "out")
+    export_merged(tmp_path / "out", tmp_path / "merged")
+    auto = transformers.AutoModel if name in ENCODERS else transformers.AutoModelForCausalLM
+    merged = auto.from_pretrained(tmp_path / "merged").eval()
+    assert not any(isinstance(m, rankcut.layers.FactorizedLinear) for m in merged.modules())
+    assert rel(outputs(merged, test), outputs(model, test)) < 1e-5

@@ -15,6 +15,7 @@ that ``load`` accepts.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ from torch import nn
 
 from ..errors import RankcutError
 from ..layers import LAYER_TYPES, factorized_modules
+from ..layers.linear import like_original
 from ..models.sources import (
     first_line,
     hf_location,
@@ -389,12 +391,37 @@ def merge_factors(model: nn.Module) -> nn.Module:
     """Replace every factorized layer of ``model`` (in place) by its dense product.
 
     The result is a plain transformers model: same outputs (up to float rounding of
-    ``up @ down``), the dense parameter count, loadable by any tool.
+    ``up @ down``), the dense parameter count, loadable by any tool. Each product takes
+    the layout the model class builds at its place (GPT-2's ``Conv1D`` stores ``(in,
+    out)``), read from a meta-device copy of the architecture.
     """
-    for name, module in factorized_modules(model):
-        replace_module(model, name, module.to_linear())
+    factorized = list(factorized_modules(model))
+    originals = _original_modules(model, [name for name, _ in factorized])
+    for name, module in factorized:
+        replace_module(model, name, like_original(module.to_linear(), originals.get(name)))
     model.rankcut_meta = None
     return model
+
+
+def _original_modules(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:
+    """The modules the model's class builds at ``names`` (on the meta device, nothing
+    allocated); empty for a model that is no transformers model."""
+    config = getattr(model, "config", None)
+    if not names or config is None or not hasattr(type(model), "_from_config"):
+        return {}
+    from accelerate import init_empty_weights
+
+    try:
+        with init_empty_weights(include_buffers=False):
+            skeleton = type(model)._from_config(config)
+    except Exception as err:  # (an architecture that cannot be rebuilt from its config)
+        logger.debug("no skeleton of %s to merge into: %s", type(model).__name__, err)
+        return {}
+    found = {}
+    for name in names:
+        with contextlib.suppress(AttributeError):
+            found[name] = skeleton.get_submodule(name)
+    return found
 
 
 def export_merged(

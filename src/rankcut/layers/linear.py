@@ -50,3 +50,27 @@ def linear_from(weight: Tensor, bias: Tensor | None) -> nn.Linear:
         if bias is not None:
             linear.bias.copy_(bias)
     return linear
+
+
+def like_original(linear: nn.Linear, original: nn.Module | None) -> nn.Module:
+    """``linear`` in the layout of ``original`` (the dense module the architecture builds
+    at that place): a Hugging Face ``Conv1D`` (weight stored ``(in, out)``, a bias always)
+    when ``original`` is one, else ``linear`` itself. A merged checkpoint must store
+    what the model class expects, or ``from_pretrained`` refuses its shapes.
+
+    Example:
+        >>> like_original(nn.Linear(3, 2), None).weight.shape
+        torch.Size([2, 3])
+    """
+    conv1d = _conv1d_type()
+    if conv1d is None or not isinstance(original, conv1d):
+        return linear
+    conv = conv1d(linear.out_features, linear.in_features)
+    conv.to(device=linear.weight.device, dtype=linear.weight.dtype)
+    with torch.no_grad():
+        conv.weight.copy_(linear.weight.T)
+        if linear.bias is not None:
+            conv.bias.copy_(linear.bias)
+        else:
+            conv.bias.zero_()
+    return conv
