@@ -189,9 +189,20 @@ def swap_parameters(model: nn.Module, new: dict[int, nn.Parameter]) -> None:
                 sub._parameters[name] = new[id(p)]
 
 
+def meta_model(cls, config, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """``cls`` (a transformers model class, or an Auto class) built from ``config`` with
+    its parameters on the meta device (nothing allocated, nothing initialized) and real
+    buffers, so that non-persistent ones (rotary frequencies) are computed as usual."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        if hasattr(cls, "_from_config"):
+            return cls._from_config(config, dtype=dtype)
+        return cls.from_config(config, dtype=dtype)  # Auto classes
+
+
 def build_skeleton(folder: str | os.PathLike, device) -> nn.Module:
     """The model of ``folder`` with parameters on meta and real (computed) buffers."""
-    from accelerate import init_empty_weights
     from transformers import AutoConfig
 
     from ..models.sources import first_line, model_class, refuse_remote_code
@@ -203,12 +214,7 @@ def build_skeleton(folder: str | os.PathLike, device) -> nn.Module:
         raise RankcutError(
             f"cannot read {Path(folder) / 'config.json'}: {first_line(err)}"
         ) from err
-    cls = model_class(config)
-    with init_empty_weights(include_buffers=False):
-        if hasattr(cls, "_from_config"):
-            model = cls._from_config(config, dtype=torch.float32)
-        else:  # Auto classes
-            model = cls.from_config(config, dtype=torch.float32)
+    model = meta_model(model_class(config), config)
     if hasattr(model, "tie_weights"):
         model.tie_weights()  # as from_pretrained does: tied heads share the embedding
     for sub in model.modules():

@@ -36,7 +36,7 @@ from ..models.sources import (
 )
 from ..models.structure import replace_module
 from .atomic import atomic_dir, check_output_dir
-from .checkpoint import WEIGHTS_FILE, CheckpointReader, is_safetensors_dir
+from .checkpoint import WEIGHTS_FILE, CheckpointReader, is_safetensors_dir, meta_model
 
 logger = logging.getLogger(__name__)
 
@@ -284,7 +284,6 @@ def load_rankcut_dir(folder: str | os.PathLike, device: str | torch.device = "cp
     Example:
         >>> model = load_rankcut_dir("runs/smollm2-svdllm")  # doctest: +SKIP
     """
-    from accelerate import init_empty_weights
     from transformers import AutoConfig
 
     folder = Path(folder)
@@ -296,10 +295,7 @@ def load_rankcut_dir(folder: str | os.PathLike, device: str | torch.device = "cp
         raise RankcutError(f"cannot read {folder / 'config.json'}: {first_line(err)}") from err
     cls = _model_class(meta, config)
     reader = CheckpointReader(folder)
-    # Parameters on meta (no allocation, no random init); buffers are real so that
-    # non-persistent ones (rotary frequencies) are computed as usual.
-    with init_empty_weights(include_buffers=False):
-        model = cls._from_config(config, dtype=getattr(torch, meta.get("dtype", "float32")))
+    model = meta_model(cls, config, getattr(torch, meta.get("dtype", "float32")))
     for name, spec in meta["layers"].items():
         try:
             model.get_submodule(name)
@@ -409,11 +405,8 @@ def _original_modules(model: nn.Module, names: list[str]) -> dict[str, nn.Module
     config = getattr(model, "config", None)
     if not names or config is None or not hasattr(type(model), "_from_config"):
         return {}
-    from accelerate import init_empty_weights
-
     try:
-        with init_empty_weights(include_buffers=False):
-            skeleton = type(model)._from_config(config)
+        skeleton = meta_model(type(model), config)
     except Exception as err:  # (an architecture that cannot be rebuilt from its config)
         logger.debug("no skeleton of %s to merge into: %s", type(model).__name__, err)
         return {}
