@@ -15,7 +15,8 @@ Two structures:
   ``(W - C D) S = W S - C (D S)``; the problem is a plain sparse coding of ``W S``.
   Alternating minimization: ``D`` by least squares (MOD dictionary update), ``C`` by
   normalized iterative hard thresholding with exact line search followed by least
-  squares on the chosen support.
+  squares on the chosen support; every step must lower the error, so the fit only
+  descends from its SVD start.
 """
 
 from __future__ import annotations
@@ -161,6 +162,38 @@ def _residual(a: Tensor, c: Tensor, d: Tensor) -> float:
     return float(((a - c @ d) ** 2).sum())
 
 
+def _coding_error(aa: float, c: Tensor, a_dt: Tensor, c_ddt: Tensor) -> float:
+    """``||A - C D||^2`` from ``A D^T`` and ``C D D^T`` (no ``(out, in)`` product)."""
+    return aa - 2.0 * float((c * a_dt).sum()) + float((c * c_ddt).sum())
+
+
+def _dictionary_update(c: Tensor, a: Tensor) -> Tensor:
+    """MOD: ``argmin_D ||A - C D||`` by ridged normal equations (``C`` may have unused or
+    dependent columns; least squares for a block that is not numerically definite)."""
+    ctc = c.T @ c
+    ridge = 1e-12 * float(ctc.diagonal().max().clamp_min(1e-300))
+    eye = torch.eye(ctc.shape[0], dtype=ctc.dtype, device=ctc.device)
+    factor, info = torch.linalg.cholesky_ex(ctc + ridge * eye)
+    if int(info) == 0:
+        return torch.cholesky_solve(c.T @ a, factor)
+    return torch.linalg.lstsq(c, a).solution
+
+
+def _unit_atoms(d_new: Tensor, d_old: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    """Rescale atoms to unit norm and the codes to match (``C D`` unchanged).
+
+    An atom no row uses (its least-squares row is zero) keeps its previous direction, so
+    a later coding step can still pick it. Unit atoms make coefficient magnitudes
+    comparable, which hard thresholding relies on, and keep the supports' Gram blocks
+    well scaled.
+    """
+    norms = d_new.norm(dim=1)
+    live = norms > 0
+    scale = torch.where(live, norms, torch.ones_like(norms))
+    d = torch.where(live[:, None], d_new / scale[:, None], d_old)
+    return d, c * torch.where(live, scale, torch.zeros_like(scale))[None, :]
+
+
 @small_on_one_thread
 def sparse_dense_factors(
     weight: Tensor,
@@ -176,9 +209,14 @@ def sparse_dense_factors(
     Minimizes ``||(W - C D) S||_F`` by alternating minimization on ``A = W S``:
     start from the top-``k`` right singular vectors of ``A`` (an orthonormal dictionary,
     for which keeping the largest coefficients is the exact sparse coding), then
-    repeat: ``C`` by ``inner`` steps of normalized iterative hard thresholding plus
-    least squares on the support, ``D`` by least squares. The best iterate is kept, so
-    the result is never worse than the first (SVD-initialized) fit.
+    repeat: ``D`` by least squares (MOD) with unit-norm atoms, ``C`` by ``inner`` steps
+    of normalized iterative hard thresholding plus least squares on the support.
+
+    Every step is a descent step: a candidate that does not lower the error is refused
+    (a refused dictionary update ends the alternation). The objective therefore never
+    rises from the SVD-initialized fit, and rounding differences (thread counts, BLAS
+    kernels) cannot be amplified into a different answer, as an unguarded hard
+    thresholding on a nearly dependent dictionary can.
 
     Args:
         weight: ``(out, in)`` matrix.
@@ -203,39 +241,49 @@ def sparse_dense_factors(
             f"N:M needs M | k and count = N k / M; got k={k}, M={group}, count={count}"
         )
     a = w @ s
-    _, sv, vh = torch.linalg.svd(a, full_matrices=False)
+    aa = float((a * a).sum())
+    _, _, vh = torch.linalg.svd(a, full_matrices=False)
     d = torch.zeros(k, n, dtype=w.dtype, device=w.device)
     d[: min(k, vh.shape[0])] = vh[:k]
-    coef = a @ d.T
-    idx = project_rows(coef, count, group)
-    values = torch.gather(coef, 1, idx)
-    c = _dense_rows(idx, values, k)
-    best = (idx, values, d)
-    best_err = _residual(a, c, d)
+    a_dt = a @ d.T
+    idx = project_rows(a_dt, count, group)
+    c = _dense_rows(idx, torch.gather(a_dt, 1, idx), k)
+    err = _residual(a, c, d)
     for _ in range(iters):
-        # D step (MOD): least squares given C; lstsq copes with unused atoms.
-        d = torch.linalg.lstsq(c, a).solution if m >= k else torch.linalg.pinv(c) @ a
-        if not torch.isfinite(d).all():
+        # D step (MOD), kept only if it lowers the error.
+        d_new = _dictionary_update(c, a)
+        if not torch.isfinite(d_new).all():
             # A least squares that breaks down must not reach ``_debias`` (whose solves
-            # may raise on non-finite input) nor the layer: keep the best finite iterate.
+            # may raise on non-finite input) nor the layer: keep the last finite iterate.
             break
+        d_new, c_new = _unit_atoms(d_new, d, c)
+        err_new = _residual(a, c_new, d_new)
+        if not err_new < err:
+            break
+        d, c, err = d_new, c_new, err_new
         ddt = d @ d.T
         a_dt = a @ d.T
-        # C step: normalized IHT (exact line search on the current support), then LS.
+        c_ddt = c @ ddt
+        # C step: normalized IHT (exact line search on the current support), each step
+        # kept only if it lowers the error; then least squares on the support.
         for _ in range(inner):
-            grad = a_dt - c @ ddt  # descent direction, (out, k)
+            grad = a_dt - c_ddt  # descent direction, (out, k)
             g_sup = torch.zeros_like(grad).scatter_(1, idx, torch.gather(grad, 1, idx))
-            denom = float(((g_sup @ d) ** 2).sum())
-            if denom <= 0:
+            denom = float((g_sup * (g_sup @ ddt)).sum())
+            if not denom > 0:
                 break
-            step = float((g_sup**2).sum()) / denom
-            idx = project_rows(c + step * grad, count, group)
-            c = _dense_rows(idx, torch.gather(c + step * grad, 1, idx), k)
-        values = _debias(a_dt, ddt, idx)
-        c = _dense_rows(idx, values, k)
-        err = _residual(a, c, d)
-        if err < best_err:
-            best, best_err = (idx, values, d), err
-    idx, values, d = best
+            z = c + (float((g_sup**2).sum()) / denom) * grad
+            idx_new = project_rows(z, count, group)
+            c_new = _dense_rows(idx_new, torch.gather(z, 1, idx_new), k)
+            c_ddt_new = c_new @ ddt
+            err_new = _coding_error(aa, c_new, a_dt, c_ddt_new)
+            if not err_new < err:
+                break
+            idx, c, c_ddt, err = idx_new, c_new, c_ddt_new, err_new
+        c_new = _dense_rows(idx, _debias(a_dt, ddt, idx), k)
+        err_new = _residual(a, c_new, d)
+        if err_new < err:
+            c, err = c_new, err_new
+    values = torch.gather(c, 1, idx)
     d = torch.linalg.solve_triangular(s.T, d.T, upper=True).T  # D = D_w S^-1
     return idx, values, d
